@@ -1,0 +1,362 @@
+"""Make megatron-core (0.16.1) run on CPU with the gloo backend.
+
+Megatron-Core assumes CUDA (hard-coded ``device='cuda'``, CUDA RNG trackers and streams) and, on CPU
+with gloo, gives a few silently wrong results. This is the one place where megatron-ling works
+around megatron-core; each patch below names the megatron-core ``file:line`` it works around and
+has a test in ``tests/test_compat.py`` that fails without it.
+
+Each patch applies ``when`` its condition holds: ``"cpu"`` patches only where CUDA is absent (GPU
+clusters run megatron-core's CUDA paths unpatched), ``"no_te"`` patches wherever Transformer Engine
+(and with it Apex's fused kernels) is missing, GPU or not. ``install()`` is idempotent, and
+``install(exclude={"name"})`` leaves patches out (used by the tests to prove that each is needed).
+Call it in every process before building models or optimizers.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+_INSTALLED: set[str] = set()
+
+
+@dataclass(frozen=True)
+class Patch:
+    name: str
+    when: str  # "cpu" | "no_te"
+    site: str  # megatron-core file:line worked around (0.16.1)
+    why: str
+    apply: Callable[[], None]
+
+
+PATCHES: dict[str, Patch] = {}
+
+
+def _patch(name: str, when: str, site: str, why: str):
+    def deco(fn):
+        PATCHES[name] = Patch(name, when, site, why, fn)
+        return fn
+
+    return deco
+
+
+def have_te() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # ImportError, or a broken install (missing CUDA libraries)
+        return False
+    return True
+
+
+def condition_holds(when: str) -> bool:
+    if when == "cpu":
+        return not torch.cuda.is_available()
+    if when == "no_te":
+        return not have_te()
+    raise ValueError(when)
+
+
+def install(exclude: set[str] | frozenset[str] = frozenset(), force: bool = False) -> list[str]:
+    """Install every applicable patch not in ``exclude`` (``force``: regardless of ``when``).
+    Returns the names installed by this call."""
+    exclude = set(exclude) | {x for x in os.environ.get("LING_COMPAT_EXCLUDE", "").split(",") if x}
+    unknown = exclude - set(PATCHES)
+    if unknown:
+        raise ValueError(f"LING_COMPAT_EXCLUDE: unknown compat patch {sorted(unknown)[0]!r}; "
+                         f"known: {', '.join(PATCHES)}")
+    done = []
+    for name, p in PATCHES.items():
+        if name in exclude or name in _INSTALLED or not (force or condition_holds(p.when)):
+            continue
+        p.apply()
+        _INSTALLED.add(name)
+        done.append(name)
+    return done
+
+
+def installed() -> set[str]:
+    return set(_INSTALLED)
+
+
+# --------------------------------------------------------------------------------- device
+def _is_cuda(d) -> bool:
+    if isinstance(d, torch.device):
+        return d.type == "cuda"
+    if isinstance(d, str):
+        return d.startswith("cuda")
+    return isinstance(d, int) and not isinstance(d, bool)  # an ordinal means a CUDA device
+
+
+class _CudaToCpu(torch.overrides.TorchFunctionMode):
+    """Rewrites device='cuda' (keyword, or the positional target of Tensor.to) to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs = dict(kwargs, device="cpu")
+        if len(args) > 1 and _is_cuda(args[1]) and getattr(func, "__name__", "") == "to":
+            args = (args[0], "cpu") + tuple(args[2:])
+        return func(*args, **kwargs)
+
+
+_MODE = None
+
+
+@_patch("cuda_device", "cpu", "pipeline_parallel/schedules.py:596, optimizer/clip_grads.py:90, optimizer/optimizer.py:473",
+        "tensors created with a hard-coded device='cuda'")
+def _cuda_device():
+    global _MODE
+    if _MODE is None:
+        _MODE = _CudaToCpu()
+        _MODE.__enter__()
+
+
+class _NoStream:
+    """Stand-in for torch.cuda.Stream/Event: on the CPU every operation is already complete."""
+
+    def __init__(self, *a, **k):
+        pass
+
+    def __getattr__(self, name):  # wait_stream, wait_event, record, synchronize, ...
+        return lambda *a, **k: None
+
+    def record_event(self, event=None):
+        return event or _NoStream()
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+_ONE_STREAM = _NoStream()
+
+
+@_patch("cuda_runtime", "cpu", "distributed/param_and_grad_buffer.py (torch.cuda.current_stream/Event), "
+        "tensor_parallel/random.py:41 (torch.cuda.current_device)",
+        "CUDA streams, events and device queries called unconditionally")
+def _cuda_runtime():
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.Stream = _NoStream
+    torch.cuda.Event = _NoStream
+    torch.cuda.current_stream = lambda *a, **k: _ONE_STREAM
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    torch.Tensor.record_stream = lambda self, s: None
+    torch.Tensor.cuda = lambda self, *a, **k: self
+
+
+@_patch("tensor_type", "cpu", "optimizer/optimizer.py:671/690, optimizer/distrib_optimizer.py:361/420/582, "
+        "optimizer/clip_grads.py:167", "param.type() compared against 'torch.cuda.*Tensor' names")
+def _tensor_type():
+    orig = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kw):
+        s = orig(self, dtype, non_blocking, **kw) if (dtype is not None or kw) else orig(self)
+        # Only megatron's optimizer asks, and only for the name: report the CUDA spelling there.
+        if dtype is None and not kw and not s.startswith("torch.cuda.") and \
+                "/megatron/core/optimizer/" in sys._getframe(1).f_code.co_filename:
+            return "torch.cuda." + s[len("torch."):]
+        return s
+
+    torch.Tensor.type = type_
+
+
+@_patch("rng_tracker", "cpu", "tensor_parallel/random.py:41/72 (_get/_set_cuda_rng_state), CudaRNGStatesTracker.add/fork",
+        "the model-parallel RNG tracker keeps CUDA generator states")
+def _rng_tracker():
+    from megatron.core.tensor_parallel import random as mr
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        self.seeds_.add(seed)
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name=mr._MODEL_PARALLEL_RNG_TRACKER_NAME):
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        orig = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+    mr.CudaRNGStatesTracker.add = add
+    mr.CudaRNGStatesTracker.fork = fork
+    # Activation recompute saves/restores "the CUDA RNG": on the CPU that is the CPU generator.
+    mr._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    mr._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+
+
+@_patch("recompute_fp8_flag", "no_te", "tensor_parallel/random.py:636",
+        "`self.fp8 = fp8 is not None` sends CheckpointWithoutOutput(fp8=False) into the TE-only FP8 "
+        "branch (NameError FP8GlobalStateManager) in selective recompute without Transformer Engine")
+def _recompute_fp8_flag():
+    from megatron.core.tensor_parallel import random as mr
+
+    orig = mr.CheckpointWithoutOutput.__init__
+
+    def init(self, fp8=False):
+        orig(self, fp8)
+        self.fp8 = bool(fp8) and mr.HAVE_TE
+
+    mr.CheckpointWithoutOutput.__init__ = init
+
+
+@_patch("torch_norm_sp", "no_te", "transformer/torch_norm.py:32",
+        "torch RMSNorm asserts not sequence_parallel; the norm is per token, so SP only needs the "
+        "weight marked sequence_parallel for finalize_model_grads to all-reduce its grad over TP")
+def _torch_norm_sp():
+    import copy
+
+    from megatron.core.transformer import torch_norm as tn
+
+    orig_new = tn.WrappedTorchNorm.__new__
+
+    def new(cls, config, hidden_size, eps=1e-5, *a, **k):
+        sp = config.sequence_parallel
+        if sp:
+            config = copy.copy(config)
+            config.sequence_parallel = False
+        mod = orig_new(cls, config, hidden_size, eps, *a, **k)
+        for p in mod.parameters():
+            p.sequence_parallel = sp
+        return mod
+
+    tn.WrappedTorchNorm.__new__ = new
+
+
+@_patch("gloo_batched_p2p", "cpu", "pipeline_parallel/p2p_communication.py:16 (_batched_p2p_ops)",
+        "SILENT WRONG RESULT: gloo matches isend/irecv FIFO per peer, so when the previous and next "
+        "stage are the same rank (PP=2 with VPP) batched p2p swaps activations and gradients")
+def _gloo_batched_p2p():
+    from megatron.core.pipeline_parallel import p2p_communication as p2p
+
+    def batched(**kw):
+        return list(p2p._p2p_ops(**kw).values())
+
+    p2p._batched_p2p_ops = batched
+
+
+@_patch("dist_opt_step_state", "no_te", "optimizer/distrib_optimizer.py:640/819-825/940",
+        "without Apex/TE the distributed optimizer (a) cannot build a loading state dict before the "
+        "first step, (b) SILENTLY gives every param one shared Adam 'step' tensor after a load, so "
+        "torch Adam increments it once per param and the bias correction is wrong, (c) KeyErrors on "
+        "'step' in fully_reshardable loads")
+def _dist_opt_step_state():
+    from megatron.core.optimizer import distrib_optimizer as do
+
+    orig_sd = do.DistributedOptimizer.state_dict
+
+    def state_dict(self):
+        inner = self.optimizer
+        if isinstance(inner, torch.optim.Optimizer):
+            params = [p for g in inner.param_groups for p in g["params"]]
+            if any("step" not in inner.state[p] for p in params):
+                if self.init_state_fn is not None:
+                    self.init_state_fn(inner, self.config)
+                for p in params:
+                    inner.state[p].setdefault("step", torch.tensor(0.0))
+        return orig_sd(self)
+
+    do.DistributedOptimizer.state_dict = state_dict
+
+    orig_set = do.DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            gi, go = self.model_param_group_index_map[model_param]
+            st = self.optimizer.state[self.optimizer.param_groups[gi]["params"][go]]
+            if "step" in st:
+                tensors = dict(tensors, step=st["step"])
+        with torch.no_grad():  # fp32 main params are views of leaves that require grad
+            return orig_set(self, model_param, tensors)
+
+    do.DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+    orig_load = do.DistributedOptimizer.load_state_dict
+
+    def load_state_dict(self, state_dict):
+        r = orig_load(self, state_dict)
+        inner = self.optimizer
+        if isinstance(inner, torch.optim.Optimizer):
+            for g in inner.param_groups:
+                for p in g["params"]:
+                    st = inner.state.get(p)
+                    if st and torch.is_tensor(st.get("step")):
+                        step = g.get("step")
+                        st["step"] = (torch.tensor(float(step), dtype=torch.float32) if step is not None
+                                      else st["step"].clone())
+        return r
+
+    do.DistributedOptimizer.load_state_dict = load_state_dict
+
+
+def _die_with_parent() -> None:
+    """Make a helper process exit when its parent dies (Linux), so a killed rank leaves no
+    process behind holding its sockets and output open."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+@_patch("ckpt_fork_queue", "cpu", "dist_checkpointing/strategies/filesystem_async.py:54",
+        "the first torch_dist save starts a spawn-context Manager: ~3 s per process and it re-imports an "
+        "unguarded __main__; a fork-context Manager is instant (and dies with its rank)")
+def _ckpt_fork_queue():
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+
+    def queue():
+        if fsa._results_queue is None:
+            mgr = SyncManager(ctx=mp.get_context("fork"))
+            mgr.start(initializer=_die_with_parent)
+            fsa._results_queue = mgr.Queue()
+            fsa._ling_manager = mgr  # keep it referenced for the life of the process
+        return fsa._results_queue
+
+    fsa._get_write_results_queue = queue
+
+
+@_patch("alltoall_splits", "cpu", "transformer/moe/moe_utils.py:1093 (maybe_move_tensor_to_cpu)",
+        "only CUDA tensors become numpy splits; gloo all_to_all_single rejects CPU tensor splits")
+def _alltoall_splits():
+    from megatron.core.transformer.moe import moe_utils as mu
+    from megatron.core.transformer.moe import token_dispatcher as td
+
+    orig = mu.maybe_move_tensor_to_cpu
+
+    def move(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy() if as_numpy else tensor
+        return orig(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    mu.maybe_move_tensor_to_cpu = move
+    td.maybe_move_tensor_to_cpu = move
+
+
+@_patch("router_gemm_name", "no_te", "transformer/moe/moe_utils.py:1192",
+        "te_general_gemm is referenced although it is only imported with Transformer Engine (NameError)")
+def _router_gemm_name():
+    from megatron.core.transformer.moe import moe_utils as mu
+
+    if not hasattr(mu, "te_general_gemm"):
+        mu.te_general_gemm = None

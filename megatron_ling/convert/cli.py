@@ -1,0 +1,88 @@
+"""ling-convert: Megatron torch_dist <-> Hugging Face BailingMoeV2, and a logits check.
+
+  ling-convert to-hf   CKPT_DIR OUT_DIR [--dtype bf16|fp32|fp8] [--mtp keep|drop] [--shard-size 5GB]
+                       [--hf-files DIR] [--config config.json] [--force]
+  ling-convert from-hf HF_DIR OUT_DIR [--dtype auto|bf16|fp32] [--mtp keep|drop] [--force]
+  ling-convert verify  CKPT_DIR HF_DIR [--seq-len 32] [--batch 2] [--tol X]
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+from megatron_ling.errors import LingConfigError
+
+
+def parse_size(s: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*", s, re.I)
+    if not m:
+        raise LingConfigError(f"--shard-size: cannot parse {s!r}; use e.g. 5GB, 500MB or a byte count")
+    mult = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}[m.group(2).upper()]
+    return int(float(m.group(1)) * mult)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ling-convert", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("to-hf", help="megatron-ling torch_dist checkpoint -> HF directory")
+    a.add_argument("ckpt_dir", help="checkpoint dir (with latest_checkpointed_iteration.txt) or an iter_* dir")
+    a.add_argument("out_dir")
+    a.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp8"],
+                   help="weight dtype (fp8: blockwise 128x128 e4m3 + _scale_inv); expert_bias stays fp32")
+    a.add_argument("--mtp", default="keep", choices=["keep", "drop"], help="MTP layers as HF layers L+j, or drop")
+    a.add_argument("--shard-size", default="5GB", help="max bytes per safetensors shard (default 5GB)")
+    a.add_argument("--hf-files", default=None, help="copy remote code, tokenizer, generation config from DIR")
+    a.add_argument("--config", default=None, help="config.json to use instead of the checkpoint's ling_config")
+    a.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    a.add_argument("--no-progress", action="store_true")
+    b = sub.add_parser("from-hf", help="HF directory -> megatron-ling torch_dist checkpoint")
+    b.add_argument("hf_dir")
+    b.add_argument("out_dir")
+    b.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto: keep the HF dtype (FP8 weights are dequantized to bf16)")
+    b.add_argument("--mtp", default="keep", choices=["keep", "drop"])
+    b.add_argument("--force", action="store_true")
+    b.add_argument("--no-progress", action="store_true")
+    c = sub.add_parser("verify", help="max |delta logits| between a checkpoint and an HF directory")
+    c.add_argument("ckpt_dir")
+    c.add_argument("hf_dir")
+    c.add_argument("--seq-len", type=int, default=32)
+    c.add_argument("--batch", type=int, default=2)
+    c.add_argument("--tol", type=float, default=None, help="exit 1 if max |delta| exceeds this")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "to-hf":
+            from megatron_ling.convert.to_hf import to_hf
+
+            r = to_hf(args.ckpt_dir, args.out_dir, dtype=args.dtype, mtp=args.mtp,
+                      shard_size=parse_size(args.shard_size), hf_files=args.hf_files, config=args.config,
+                      force=args.force, show_progress=not args.no_progress)
+            print(r.summary)
+        elif args.cmd == "from-hf":
+            from megatron_ling.convert.from_hf import from_hf
+
+            r = from_hf(args.hf_dir, args.out_dir, dtype=args.dtype, mtp=args.mtp, force=args.force,
+                        show_progress=not args.no_progress)
+            print(r.summary)
+        else:
+            from megatron_ling.convert.verify import verify
+
+            r = verify(args.ckpt_dir, args.hf_dir, seq_len=args.seq_len, batch=args.batch)
+            print(f"max |delta logits| = {r['max_abs_diff']:.3e} (mean {r['mean_abs_diff']:.3e}, "
+                  f"max |logit| {r['max_abs_logit']:.3f}, {r['tokens']} tokens)")
+            if args.tol is not None and r["max_abs_diff"] > args.tol:
+                print(f"error: max |delta logits| {r['max_abs_diff']:.3e} exceeds --tol {args.tol}", file=sys.stderr)
+                return 1
+    except LingConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

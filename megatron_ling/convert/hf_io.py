@@ -1,0 +1,217 @@
+"""Streaming safetensors I/O for HF checkpoints, plus blockwise FP8 (e4m3, 128x128).
+
+Writing: every tensor's name, shape and dtype is known from config.json before any weight is
+read, so the shard layout (``model-0000i-of-0000n.safetensors``) and each shard's safetensors
+header are planned up front; tensors are then appended to the open shard in plan order as they
+are produced. Memory stays at the tensors of one layer, not one shard.
+
+Reading: ``HFReader`` checks every shard's header and size before conversion starts (a missing
+or truncated shard is one clear error, not a crash half way), then reads tensors lazily.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+
+import torch
+
+from megatron_ling.errors import LingConfigError
+
+_ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+             torch.float8_e4m3fn: "F8_E4M3"}
+_ST_DTYPE_INV = {v: k for k, v in _ST_DTYPE.items()}
+INDEX = "model.safetensors.index.json"
+FP8_BLOCK = 128
+FP8_MAX = 448.0
+FP8_QUANT_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                    "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+
+
+def nbytes(shape, dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+# ----------------------------------------------------------------------------------- FP8
+def fp8_scale_shape(shape) -> tuple[int, int]:
+    return (math.ceil(shape[0] / FP8_BLOCK), math.ceil(shape[1] / FP8_BLOCK))
+
+
+def fp8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per 128x128 block: scale_inv = amax/448, q = w/scale_inv in e4m3 (DeepSeek-V3 / Ling FP8)."""
+    r, c = w.shape
+    br, bc = fp8_scale_shape(w.shape)
+    x = torch.zeros(br * FP8_BLOCK, bc * FP8_BLOCK, dtype=torch.float32)
+    x[:r, :c] = w.float()
+    blocks = x.view(br, FP8_BLOCK, bc, FP8_BLOCK)
+    amax = blocks.abs().amax(dim=(1, 3))
+    scale_inv = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (blocks / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.view(br * FP8_BLOCK, bc * FP8_BLOCK)[:r, :c].contiguous(), scale_inv.contiguous()
+
+
+def fp8_dequantize(q: torch.Tensor, scale_inv: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+    r, c = q.shape
+    if tuple(scale_inv.shape) != fp8_scale_shape(q.shape):
+        raise LingConfigError(f"FP8 scale_inv shape {tuple(scale_inv.shape)} does not match weight shape "
+                              f"{tuple(q.shape)} with 128x128 blocks (expected {fp8_scale_shape(q.shape)})")
+    s = scale_inv.float().repeat_interleave(FP8_BLOCK, 0)[:r].repeat_interleave(FP8_BLOCK, 1)[:, :c]
+    return (q.float() * s).to(dtype)
+
+
+def fp8_eligible(name: str, shape) -> bool:
+    """Linear weights inside decoder/MTP layers, as in the official FP8 releases: not the
+    embeddings, lm_head, norms or the fp32 router (its logits pick the experts)."""
+    return (name.startswith("model.layers.") and name.endswith(".weight") and len(shape) == 2
+            and not name.endswith("mlp.gate.weight"))
+
+
+# -------------------------------------------------------------------------------- writer
+class ShardedSafetensorsWriter:
+    """Writes a planned list of (name, shape, dtype) into sharded safetensors files, streaming."""
+
+    def __init__(self, out_dir: str, plan: list[tuple[str, tuple, torch.dtype]], shard_size: int):
+        self.out_dir = out_dir
+        shards: list[list] = [[]]
+        size = 0
+        for name, shape, dtype in plan:
+            b = nbytes(shape, dtype)
+            if shards[-1] and size + b > shard_size:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, tuple(shape), dtype))
+            size += b
+        n = len(shards)
+        self.files = ["model.safetensors"] if n == 1 else \
+            [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.shards = shards
+        self.where = {name: i for i, s in enumerate(shards) for name, _, _ in s}
+        self.expected = {name: (shape, dtype) for name, shape, dtype in plan}
+        self.total_bytes = sum(nbytes(s, d) for _, s, d in plan)
+        self._cur = -1
+        self._pos = 0
+        self._f = None
+
+    def _open(self, i: int):
+        if self._f is not None:
+            self._finish()
+        header, off = {}, 0
+        for name, shape, dtype in self.shards[i]:
+            b = nbytes(shape, dtype)
+            header[name] = {"dtype": _ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [off, off + b]}
+            off += b
+        header["__metadata__"] = {"format": "pt"}
+        h = json.dumps(header, separators=(",", ":")).encode()
+        h += b" " * (-len(h) % 8)
+        self._f = open(os.path.join(self.out_dir, self.files[i]), "wb")
+        self._f.write(struct.pack("<Q", len(h)))
+        self._f.write(h)
+        self._cur, self._pos = i, 0
+
+    def _finish(self):
+        if self._pos != len(self.shards[self._cur]):
+            raise AssertionError(f"shard {self.files[self._cur]} incomplete")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        self._f = None
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        shape, dtype = self.expected[name]
+        i = self.where[name]
+        if i != self._cur:
+            self._open(i)
+        exp_name = self.shards[i][self._pos][0]
+        if name != exp_name or tuple(t.shape) != shape or t.dtype != dtype:
+            raise AssertionError(f"write order/shape mismatch: got {name} {tuple(t.shape)} {t.dtype}, "
+                                 f"planned {exp_name} {shape} {dtype}")
+        self._f.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
+        self._pos += 1
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._finish()
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": self.total_bytes},
+                     "weight_map": {name: self.files[i] for name, i in sorted(self.where.items())}}
+            with open(os.path.join(self.out_dir, INDEX), "w") as f:
+                json.dump(index, f, indent=2)
+                f.write("\n")
+
+
+# -------------------------------------------------------------------------------- reader
+def _read_header(path: str) -> tuple[dict, int]:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise LingConfigError(f"hf: {path} is truncated ({size} bytes); copy the shard again")
+        n = struct.unpack("<Q", raw)[0]
+        if 8 + n > size:
+            raise LingConfigError(f"hf: {path} is truncated (header runs past the end); copy the shard again")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise LingConfigError(f"hf: {path} has a corrupt safetensors header; copy the shard again") from None
+    end = max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"] or [0])
+    if 8 + n + end > size:
+        raise LingConfigError(f"hf: {path} is truncated ({size} bytes, its header needs {8 + n + end}); "
+                              f"copy the shard again")
+    return header, 8 + n
+
+
+class HFReader:
+    def __init__(self, hf_dir: str):
+        if not os.path.isdir(hf_dir):
+            raise LingConfigError(f"hf: {hf_dir} is not a directory; pass an HF model directory")
+        self.dir = hf_dir
+        idx = os.path.join(hf_dir, INDEX)
+        if os.path.exists(idx):
+            with open(idx) as f:
+                weight_map = json.load(f)["weight_map"]
+        elif os.path.exists(os.path.join(hf_dir, "model.safetensors")):
+            weight_map = None
+        else:
+            raise LingConfigError(f"hf: {hf_dir} has neither {INDEX} nor model.safetensors; "
+                                  f"pass a directory with safetensors weights")
+        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+        self.meta: dict[str, tuple[str, list, torch.dtype]] = {}
+        for fn in files:
+            p = os.path.join(hf_dir, fn)
+            if not os.path.exists(p):
+                raise LingConfigError(f"hf: shard {p} named in {INDEX} is missing; download it again")
+            header, _ = _read_header(p)
+            for name, v in header.items():
+                if name == "__metadata__":
+                    continue
+                if v["dtype"] not in _ST_DTYPE_INV:
+                    raise LingConfigError(f"hf: tensor {name} in {fn} has unsupported dtype {v['dtype']}")
+                self.meta[name] = (fn, v["shape"], _ST_DTYPE_INV[v["dtype"]])
+        if weight_map:
+            missing = [k for k, fn in weight_map.items() if k not in self.meta or self.meta[k][0] != fn]
+            if missing:
+                raise LingConfigError(f"hf: tensor {missing[0]} is listed in {INDEX} but not in its shard; "
+                                      f"the download is inconsistent")
+        self._handles: dict = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        fn = self.meta[name][0]
+        if fn not in self._handles:
+            self._handles[fn] = safe_open(os.path.join(self.dir, fn), framework="pt")
+        return self._handles[fn].get_tensor(name)
+
+    def get_weight(self, name: str, dtype: torch.dtype | None) -> torch.Tensor:
+        """A weight, dequantized when the checkpoint stores it as FP8 with a ``_scale_inv``."""
+        t = self.get(name)
+        if t.dtype == torch.float8_e4m3fn:
+            s = name + "_scale_inv"
+            if s not in self.meta:
+                raise LingConfigError(f"hf: FP8 tensor {name} has no {s}; the FP8 checkpoint is incomplete")
+            return fp8_dequantize(t, self.get(s), dtype or torch.bfloat16)
+        return t if dtype is None else t.to(dtype)
+
+    def close(self):
+        self._handles.clear()

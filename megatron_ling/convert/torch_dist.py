@@ -1,0 +1,232 @@
+"""Read and write Megatron-Core torch_dist checkpoints in ONE process, without process groups.
+
+A torch_dist checkpoint directory (``iter_NNNNNNN/``) holds ``.metadata`` (a pickled
+``torch.distributed.checkpoint.Metadata``: every key's global shape, dtype and saved chunks, and
+where each chunk's bytes are), ``__<rank>_<n>.distcp`` data files, ``common.pt`` (the non-tensor
+state: megatron-ling stores ``ling_config`` there) and ``metadata.json`` (megatron's backend tag).
+
+``TorchDistReader.read(key)`` assembles one full tensor from whatever chunks the training layout
+wrote (TP/ETP row or column shards, EP expert shards, any PP/VPP stage), using torch's own
+resharding planner and ``FileSystemReader.read_data``; only that tensor's bytes are read.
+
+``TorchDistWriter`` streams tensors into ``.distcp`` files (torch.save per chunk, exactly what
+``FileSystemWriter`` writes) and pickles the matching ``Metadata`` at the end, so megatron's
+``dist_checkpointing.load`` reshards it to any layout like a checkpoint it wrote itself.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.planner import LoadPlan
+
+from megatron_ling.errors import LingConfigError
+
+TRACKER = "latest_checkpointed_iteration.txt"
+MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                     "common_backend": "torch", "common_backend_version": 1}
+
+
+def iteration_dir(root: str, iteration: int | str) -> str:
+    return os.path.join(root, "release" if iteration == "release" else f"iter_{int(iteration):07d}")
+
+
+def resolve_checkpoint(path: str) -> str:
+    """CKPT_DIR (with Megatron's tracker file) or one ``iter_*`` directory -> the torch_dist dir."""
+    if not os.path.isdir(path):
+        raise LingConfigError(f"checkpoint: {path} is not a directory; pass a megatron-ling checkpoint "
+                              f"directory (with {TRACKER}) or one of its iter_* directories")
+    if os.path.exists(os.path.join(path, ".metadata")):
+        return path
+    tracker = os.path.join(path, TRACKER)
+    if not os.path.exists(tracker):
+        raise LingConfigError(f"checkpoint: {path} has neither {TRACKER} nor a torch_dist .metadata; "
+                              f"pass a megatron-ling checkpoint directory or an iter_* directory")
+    with open(tracker) as f:
+        it = f.read().strip()
+    d = iteration_dir(path, it if it == "release" else int(it))
+    if not os.path.exists(os.path.join(d, ".metadata")):
+        raise LingConfigError(f"checkpoint: {TRACKER} names iteration {it} but {d}/.metadata is missing "
+                              f"(incomplete save?); pass an existing iter_* directory")
+    return d
+
+
+class _Sink:
+    """The two LoadPlanner methods FileSystemReader.read_data calls: copy into one dest tensor."""
+
+    def __init__(self, dest: torch.Tensor, base: tuple[int, ...]):
+        self.dest, self.base = dest, base
+
+    def resolve_tensor(self, req):
+        t = self.dest
+        for dim, (off, ln) in enumerate(zip(req.dest_offsets, req.lengths)):
+            t = t.narrow(dim, off - self.base[dim], ln)
+        return t
+
+    def commit_tensor(self, req, tensor):
+        pass
+
+    def load_bytes(self, req, value):  # pragma: no cover - tensors only
+        raise AssertionError("byte items are never requested")
+
+
+class TorchDistReader:
+    def __init__(self, path: str):
+        self.path = resolve_checkpoint(path)
+        self._reader = FileSystemReader(self.path)
+        try:
+            self.metadata: Metadata = self._reader.read_metadata()
+        except Exception as e:  # truncated / not a pickle
+            raise LingConfigError(f"checkpoint: cannot read {self.path}/.metadata ({type(e).__name__}: {e}); "
+                                  f"the checkpoint is incomplete or corrupt") from None
+        self._reader.set_up_storage_reader(self.metadata, is_coordinator=True)
+        self.tensors = {k: v for k, v in self.metadata.state_dict_metadata.items()
+                        if isinstance(v, TensorStorageMetadata)}
+        self._check_files()
+
+    def _check_files(self) -> None:
+        """A missing or truncated .distcp file is found here, before anything is converted."""
+        need: dict[str, int] = {}
+        for info in self.metadata.storage_data.values():
+            need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+        for rel, end in sorted(need.items()):
+            p = os.path.join(self.path, rel)
+            if not os.path.exists(p):
+                raise LingConfigError(f"checkpoint: data file {p} is missing (the checkpoint is incomplete); "
+                                      f"copy it again or pick another iteration")
+            size = os.path.getsize(p)
+            if size < end:
+                raise LingConfigError(f"checkpoint: data file {p} is truncated ({size} bytes, the metadata "
+                                      f"needs {end}); copy it again or pick another iteration")
+
+    def common_state(self) -> dict:
+        p = os.path.join(self.path, "common.pt")
+        if not os.path.exists(p):
+            return {}
+        try:
+            return torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise LingConfigError(f"checkpoint: cannot load {p} with weights_only=True ({type(e).__name__}); "
+                                  f"it holds objects other than plain data") from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key].size)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.tensors[key].properties.dtype
+
+    def read(self, key: str, offsets: tuple[int, ...] | None = None, sizes: tuple[int, ...] | None = None,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The global tensor ``key`` (or the box ``offsets``/``sizes`` of it), assembled from its chunks."""
+        md = self.tensors[key]
+        offsets = tuple(offsets) if offsets is not None else (0,) * len(md.size)
+        sizes = tuple(sizes) if sizes is not None else tuple(md.size)
+        dest = torch.empty(sizes, dtype=dtype or md.properties.dtype)
+        want = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
+        items = create_read_items_for_chunk_list(key, md, [want])
+        covered = sum(int(torch.Size(i.lengths).numel()) for i in items)
+        if covered != dest.numel():
+            raise LingConfigError(f"checkpoint: tensor {key!r} is only partly saved ({covered} of "
+                                  f"{dest.numel()} elements); the checkpoint is incomplete")
+        try:
+            self._reader.read_data(LoadPlan(items), _Sink(dest, offsets)).wait()
+        except LingConfigError:
+            raise
+        except Exception as e:
+            raise LingConfigError(f"checkpoint: cannot read tensor {key!r} ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}); a data file is corrupt") from None
+        return dest
+
+
+class TorchDistWriter:
+    """Streams tensors into a new torch_dist directory; ``close()`` writes the metadata last.
+
+    Every ``add`` call writes one chunk immediately (memory: that chunk). ``expert_axis=True``
+    writes a stacked ``[E, ...]`` tensor as E chunks, like megatron does at EP=E, so that an
+    EP-sharded load reads only its own experts.
+    """
+
+    def __init__(self, path: str, file_size: int = 5 * 1024 ** 3):
+        self.path = path
+        os.makedirs(path, exist_ok=True)
+        self.file_size = file_size
+        self.state_dict_metadata: dict = {}
+        self.storage_data: dict = {}
+        self._n = 0
+        self._f = None
+        self._rel = None
+        self.bytes_written = 0
+
+    def _stream(self):
+        if self._f is None or self._f.tell() >= self.file_size:
+            if self._f is not None:
+                self._f.close()
+            self._rel = f"__0_{self._n}.distcp"
+            self._n += 1
+            self._f = open(os.path.join(self.path, self._rel), "wb")
+        return self._f
+
+    def _write_chunk(self, key: str, t: torch.Tensor, offsets: tuple[int, ...]):
+        f = self._stream()
+        start = f.tell()
+        t = t.contiguous()
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()  # torch.save writes a view's whole storage: keep only this chunk's bytes
+        torch.save(t, f)
+        length = f.tell() - start
+        self.bytes_written += length
+        self.storage_data[MetadataIndex(key, torch.Size(offsets))] = _StorageInfo(self._rel, start, length)
+
+    def add(self, key: str, t: torch.Tensor, expert_axis: bool = False) -> None:
+        if key in self.state_dict_metadata:
+            raise ValueError(f"duplicate key {key}")
+        chunks = []
+        if expert_axis:
+            for e in range(t.shape[0]):
+                off = (e,) + (0,) * (t.dim() - 1)
+                self._write_chunk(key, t[e: e + 1], off)
+                chunks.append(ChunkStorageMetadata(torch.Size(off), torch.Size((1,) + tuple(t.shape[1:]))))
+        else:
+            off = (0,) * t.dim()
+            self._write_chunk(key, t, off)
+            chunks.append(ChunkStorageMetadata(torch.Size(off), t.shape))
+        self.state_dict_metadata[key] = TensorStorageMetadata(TensorProperties(dtype=t.dtype), t.shape, chunks)
+
+    def add_object(self, key: str, obj) -> None:
+        """A megatron ShardedObject (e.g. a module's ``_extra_state``): torch.save([obj]) bytes."""
+        buf = io.BytesIO()
+        torch.save([obj], buf)
+        f = self._stream()
+        start = f.tell()
+        f.write(buf.getbuffer())
+        self.storage_data[MetadataIndex(key)] = _StorageInfo(self._rel, start, f.tell() - start)
+        self.state_dict_metadata[key] = BytesStorageMetadata()
+
+    def close(self, common: dict) -> None:
+        if self._f is not None:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            self._f = None
+        torch.save(common, os.path.join(self.path, "common.pt"))
+        with open(os.path.join(self.path, "metadata.json"), "w") as f:
+            json.dump(MEGATRON_METADATA, f)
+        md = Metadata(state_dict_metadata=self.state_dict_metadata, planner_data=None,
+                      storage_data=self.storage_data, storage_meta=StorageMeta(checkpoint_id=self.path))
+        with open(os.path.join(self.path, ".metadata"), "wb") as f:
+            pickle.dump(md, f)

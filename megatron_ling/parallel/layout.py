@@ -1,0 +1,98 @@
+"""Pipeline layouts: parse and check megatron-core ``pipeline_model_parallel_layout`` strings.
+
+megatron-core 0.16.1 checks layouts with bare asserts (or not at all: an MTP layer on a non-last
+pipeline rank makes the schedule hang). We check first and answer with one line.
+
+Layout syntax (megatron-core): stages separated by '|', listed in schedule order, stage i living on
+pp rank i % pp and virtual stage i // pp; 'E' embedding, 't' decoder layer, 'm' MTP layer,
+'L' output layer + loss; 'x*n' and '(..)*n' repeat; ',' is cosmetic. Example: "Et*3|(tt|)*29,m|L".
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from megatron_ling.errors import LingConfigError
+
+_FIELD = "parallel.pipeline_layout"
+
+
+def expand(layout: str) -> list[str]:
+    """'Et*2|(t|)*2,mL' -> ['Ett', 't', 't', 'mL'] (one string of unit letters per stage)."""
+    s = layout.replace(",", "").replace(" ", "")
+    prev = None
+    while prev != s:  # innermost parentheses first, so nesting works
+        prev = s
+        s = re.sub(r"\(([^()]*)\)\*(\d+)", lambda m: m.group(1) * int(m.group(2)), s)
+    s = re.sub(r"([A-Za-z])\*(\d+)", lambda m: m.group(1) * int(m.group(2)), s)
+    if "(" in s or ")" in s or "*" in s:
+        raise LingConfigError(f"{_FIELD}: cannot parse {layout!r}: unbalanced '()' or a '*' without a count")
+    stages = s.split("|")
+    for st in stages:
+        bad = set(st) - set("EtmL")
+        if bad:
+            raise LingConfigError(f"{_FIELD}: unknown unit {sorted(bad)[0]!r} in {layout!r}; "
+                                  f"use E (embedding), t (layer), m (MTP), L (loss), '|' between stages")
+    return stages
+
+
+@dataclass(frozen=True)
+class Layout:
+    """stages[pp_rank][vpp_rank] = units of that virtual stage."""
+
+    text: str
+    pp: int
+    vpp: int
+    stages: tuple
+
+    def layers_per_stage(self) -> list[list[int]]:
+        return [[st.count("t") for st in row] for row in self.stages]
+
+
+def check_layout(layout: str, pp: int, num_layers: int, mtp_layers: int, vpp: int | None = None) -> Layout:
+    """Parse and validate; raise LingConfigError naming the problem and the fix."""
+    flat = expand(layout)
+    if len(flat) % pp:
+        raise LingConfigError(f"{_FIELD}: {len(flat)} stages in {layout!r} is not a multiple of pp={pp}; "
+                              f"give pp*vpp stages separated by '|'")
+    nv = len(flat) // pp
+    if vpp is not None and vpp != nv:
+        raise LingConfigError(f"{_FIELD}: {layout!r} has {nv} virtual stages per rank but parallel.vpp={vpp}; "
+                              f"set vpp: null or {nv}")
+    units = "".join(flat)
+    if units.count("E") != 1 or not units.startswith("E"):
+        raise LingConfigError(f"{_FIELD}: the embedding 'E' must appear exactly once, first, in {layout!r}")
+    if units.count("L") != 1 or not units.endswith("L"):
+        raise LingConfigError(f"{_FIELD}: the loss 'L' must appear exactly once, last, in {layout!r}")
+    nt = units.count("t")
+    if nt != num_layers:
+        raise LingConfigError(f"{_FIELD}: {layout!r} places {nt} decoder layers but the model has "
+                              f"{num_layers}; every layer must be placed exactly once")
+    nm = units.count("m")
+    if nm != mtp_layers:
+        raise LingConfigError(f"{_FIELD}: {layout!r} places {nm} MTP layers but the model has {mtp_layers} "
+                              f"(num_nextn_predict_layers); add or remove 'm'")
+    if nm:
+        if "t" in units[units.index("m"):]:
+            raise LingConfigError(f"{_FIELD}: MTP layers must come after every decoder layer in {layout!r}")
+        last = flat[-1]
+        # megatron-core 0.16.1 hangs in the schedule when the MTP block sits on another pipeline
+        # rank than the loss (mtp_standalone), so MTP goes with the loss in the last stage.
+        if last.count("m") != nm:
+            raise LingConfigError(f"{_FIELD}: MTP must be in the last stage together with the loss "
+                                  f"(e.g. '...|tmL'); megatron-core 0.16.1 hangs otherwise")
+    stages = tuple(tuple(flat[v * pp + r] for v in range(nv)) for r in range(pp))
+    return Layout(text=layout, pp=pp, vpp=nv, stages=stages)
+
+
+def uniform_layout(num_layers: int, mtp_layers: int, pp: int, vpp: int = 1) -> str:
+    """The layout megatron-core builds by default: layers split evenly, E first, MTP+L last."""
+    n = pp * vpp
+    if num_layers % n:
+        raise LingConfigError(f"{_FIELD}: {num_layers} layers do not split evenly over pp*vpp={n} stages; "
+                              f"give a pipeline_layout string or num_layers_in_first/last_pipeline_stage")
+    per = num_layers // n
+    stages = ["t" * per for _ in range(n)]
+    stages[0] = "E" + stages[0]
+    stages[-1] = stages[-1] + "m" * mtp_layers + "L"
+    return "|".join(stages)

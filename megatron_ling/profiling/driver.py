@@ -1,0 +1,315 @@
+"""Real measurements on this machine: per-unit calibration and profiled pipeline runs.
+
+* ``calibrate(...)`` times each scheduling unit type (E, D, M, MTP_T, MTP_L, L) by running the
+  real Megatron-Core modules of a Ling model (built with ``build_ling_model``) forward and backward
+  in one process, and returns a ``Calibration`` the cost model can use.
+* ``measure_layouts(...)`` runs real multi-rank gloo training steps (megatron-core's own
+  ``get_forward_backward_func``) for one or more pipeline layouts under the bubble profiler, in
+  forked local processes (CPU; the same code path the trainer uses on GPUs), and returns the
+  measured iteration time of each layout; the per-rank profiles land in ``out_dir/<i>/bubbles``.
+
+Both are CPU tools for small presets: they are how the tests check the simulator and planner
+against reality, and how ``ling-plan calibrate`` / ``ling-plan measure`` work.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+
+from megatron_ling.errors import LingConfigError
+from megatron_ling.models.config import LingConfig
+from megatron_ling.profiling.costmodel import Calibration, CostModel, CostOptions
+
+
+# ------------------------------------------------------------------------------ helpers
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def make_microbatches(ling: LingConfig, num: int, seq_length: int, micro_batch_size: int, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(num):
+        tokens = torch.randint(0, ling.vocab_size, (micro_batch_size, seq_length + 1), generator=g)
+        out.append({
+            "tokens": tokens[:, :-1].contiguous(),
+            "labels": tokens[:, 1:].contiguous(),
+            "loss_mask": torch.ones(micro_batch_size, seq_length),
+            "position_ids": torch.arange(seq_length).unsqueeze(0).expand(micro_batch_size, -1).contiguous(),
+        })
+    return out
+
+
+def renice(niceness: Optional[int]) -> None:
+    """Best effort: change this process's scheduling priority (negative = higher; needs the
+    privilege). Timing runs on a machine shared with other jobs use it so that their own ranks,
+    not the neighbours, get the cores while they measure."""
+    if niceness:
+        try:
+            os.nice(niceness)
+        except OSError:
+            pass
+
+
+def _init_single_process():
+    """A 1-rank gloo world for building Megatron modules in this process (if none exists)."""
+    from megatron_ling.training.setup import init_distributed, prepare_process
+
+    prepare_process(cpu_threads=1)
+    if not torch.distributed.is_initialized():
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+        init_distributed(timeout_s=120)
+
+
+# --------------------------------------------------------------------------- calibration
+def calibrate(ling: LingConfig, seq_length: int, micro_batch_size: int, reps: int = 5,
+              threads: int = 1) -> Calibration:
+    """Measure forward and backward seconds of every unit type with the real modules.
+
+    E: embedding lookup; D / M: one dense / MoE TransformerLayer (with RoPE); MTP_T: the MTP
+    layer's norms, eh_proj and MoE transformer layer, plus its embedding of the shifted tokens;
+    L and MTP_L: output layer + cross entropy (the same computation). Backward is timed as
+    forward+backward minus forward; each is the fastest of ``reps`` round-robin runs.
+    """
+    from megatron.core import parallel_state as ps
+
+    from megatron_ling.models.builder import build_ling_model
+    from megatron_ling.models.megatron_config import to_transformer_config
+    from megatron_ling.parallel.config import ParallelConfig
+    from megatron_ling.training.setup import init_model_parallel
+
+    _init_single_process()
+    torch.set_num_threads(threads)
+    init_model_parallel(ParallelConfig())
+    tf = to_transformer_config(ling, ParallelConfig())
+    model = build_ling_model(ling, tf, pre_process=True, post_process=True, max_sequence_length=seq_length)
+    mb = make_microbatches(ling, 1, seq_length, micro_batch_size)[0]
+    tokens, pos, labels = mb["tokens"], mb["position_ids"], mb["labels"]
+    h = ling.hidden_size
+    rope = model.rotary_pos_emb(seq_length)
+    x0 = torch.randn(seq_length, micro_batch_size, h) * 0.1
+
+    def layer_fn(layer):
+        def run(backward):
+            x = x0.clone().requires_grad_(backward)
+            out = layer(hidden_states=x, attention_mask=None, rotary_pos_emb=rope)
+            out = out[0] if isinstance(out, tuple) else out
+            if backward:
+                out.backward(torch.ones_like(out))
+        return run
+
+    def emb_fn(backward):
+        out = model.embedding(input_ids=tokens, position_ids=pos)
+        if backward:
+            out.backward(torch.ones_like(out))
+
+    def loss_fn(backward):
+        x = x0.clone().requires_grad_(backward)
+        logits, _ = model.output_layer(x)
+        loss = model.compute_language_model_loss(labels, logits)
+        if backward:
+            loss.sum().backward()
+
+    units = {"E": emb_fn, "L": loss_fn}
+    layers = list(model.decoder.layers)
+    if ling.first_k_dense_replace > 0:
+        units["D"] = layer_fn(layers[0])
+    if ling.num_moe_layers > 0:
+        units["M"] = layer_fn(layers[ling.first_k_dense_replace])
+    if ling.num_nextn_predict_layers and model.mtp is not None:
+        mtp = model.mtp.layers[0]
+
+        def mtp_fn(backward):
+            x = x0.clone().requires_grad_(backward)
+            e = model.embedding(input_ids=tokens, position_ids=pos)
+            hid = mtp.eh_proj(torch.cat([mtp.enorm(e), mtp.hnorm(x)], dim=-1))[0]
+            out = mtp.transformer_layer(hidden_states=hid, attention_mask=None, rotary_pos_emb=rope)
+            out = out[0] if isinstance(out, tuple) else out
+            out = mtp.final_layernorm(out)
+            if backward:
+                out.backward(torch.ones_like(out))
+        units["MTP_T"] = mtp_fn
+
+    cost = CostModel(ling, CostOptions(seq_length=seq_length, micro_batch_size=micro_batch_size))
+    # Round-robin over the units, keeping each one's fastest run: on a shared machine a load spike
+    # then hits one sample of every unit rather than all samples of one unit.
+    fwd = {k: [] for k in units}
+    fwdbwd = {k: [] for k in units}
+    for rep in range(reps + 1):
+        for kind, fn in units.items():
+            t = time.perf_counter()
+            with torch.no_grad():
+                fn(False)
+            t1 = time.perf_counter()
+            fn(True)
+            t2 = time.perf_counter()
+            model.zero_grad(set_to_none=True)
+            if rep:  # the first round warms up allocators and caches
+                fwd[kind].append(t1 - t)
+                fwdbwd[kind].append(t2 - t1)
+    result = {}
+    for kind in units:
+        f, fb = min(fwd[kind]), min(fwdbwd[kind])
+        u = cost.unit(kind)
+        result[kind] = {"fwd_s": f, "bwd_s": max(fb - f, 0.0), "fwd_flops": u.fwd_flops, "bwd_flops": u.bwd_flops}
+    if "L" in result:
+        result["MTP_L"] = dict(result["L"], fwd_flops=cost.unit("MTP_L").fwd_flops,
+                               bwd_flops=cost.unit("MTP_L").bwd_flops)
+    ps.destroy_model_parallel()
+    meta = {"seq_length": seq_length, "micro_batch_size": micro_batch_size, "threads": threads,
+            "host": socket.gethostname(), "device": "cpu", "torch": torch.__version__,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return Calibration(units=result, p2p_latency_s=0.0, meta=meta)
+
+
+def _calibrate_worker(rank: int, world: int, port: int, ling_d: dict, seq_length: int, micro_batch_size: int,
+                      reps: int, threads: int, out_path: str, niceness: Optional[int] = None):
+    renice(niceness)
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    ling = LingConfig.from_hf_dict(ling_d)
+    cal = calibrate(ling, seq_length, micro_batch_size, reps=reps, threads=threads)
+    cal.meta["model"] = ling_d
+    cal.save(out_path, force=True)
+    torch.distributed.destroy_process_group()
+
+
+def calibrate_local(ling: LingConfig, seq_length: int, micro_batch_size: int, out_path: str, reps: int = 5,
+                    threads: int = 1, timeout_s: float = 300.0, niceness: Optional[int] = None) -> Calibration:
+    """``calibrate`` in a forked child process (keeps this process free of a process group)."""
+    launch_local(_calibrate_worker, 1, (ling.to_hf_dict(), seq_length, micro_batch_size, reps, threads, out_path,
+                                        niceness), timeout_s=timeout_s)
+    return Calibration.load(out_path)
+
+
+# ------------------------------------------------------------------------ layout runs
+@dataclass
+class MeasureSpec:
+    ling: dict  # LingConfig as HF dict
+    pp: int
+    layouts: list
+    seq_length: int
+    micro_batch_size: int
+    num_microbatches: int
+    steps: int = 3  # profiled steps per layout (after one warm-up step)
+    out_dir: str = ""
+    threads: int = 1
+    niceness: Optional[int] = None
+
+
+def _measure_worker(rank: int, world: int, port: int, spec_d: dict):
+    from megatron.core import parallel_state as ps
+
+    from megatron_ling.parallel.config import ParallelConfig
+    from megatron_ling.profiling.config import ProfilingConfig
+    from megatron_ling.profiling.recorder import PipelineProfiler
+    from megatron_ling.training.setup import build_model, init_distributed, init_model_parallel, prepare_process
+    from megatron_ling.training.step import run_forward_backward
+
+    spec = MeasureSpec(**spec_d)
+    renice(spec.niceness)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    prepare_process(cpu_threads=spec.threads)
+    torch.set_num_threads(spec.threads)
+    init_distributed(timeout_s=120)
+    ling = LingConfig.from_hf_dict(spec.ling)
+    from megatron_ling.models.options import ModelOptions
+
+    from megatron_ling.parallel.layout import expand
+
+    mbs = make_microbatches(ling, spec.num_microbatches, spec.seq_length, spec.micro_batch_size)
+    groups: dict = {}
+    for i, layout in enumerate(spec.layouts):
+        groups.setdefault(len(expand(layout)) // spec.pp, []).append((i, layout))
+    for vpp, items in groups.items():
+        # Layouts with the same VPP share megatron's parallel state, so all their models are built
+        # up front and stepped round-robin: load drift on a shared machine then hits every layout
+        # alike instead of whichever happened to run during it.
+        par0 = ParallelConfig(pp=spec.pp, vpp=vpp if vpp > 1 else None)
+        init_model_parallel(par0)
+        runs = []
+        for i, layout in items:
+            par = ParallelConfig(pp=spec.pp, vpp=par0.vpp, pipeline_layout=layout)
+            bundle = build_model(ling, par, ModelOptions(), ddp=False, init_seed=1234,
+                                 tf_overrides={"batch_p2p_comm": vpp == 1})
+            prof = PipelineProfiler(
+                ProfilingConfig(enabled=True, steps=list(range(2, 2 + spec.steps))), os.path.join(spec.out_dir, f"{i}"),
+                meta={"layout": layout, "pp": spec.pp, "vpp": vpp, "seq_length": spec.seq_length,
+                      "micro_batch_size": spec.micro_batch_size, "num_microbatches": spec.num_microbatches,
+                      "ling": spec.ling})
+            runs.append((bundle, prof))
+        for it in range(1, 2 + spec.steps):
+            for bundle, prof in runs:
+                with prof.step(it, bundle.chunks):
+                    run_forward_backward(bundle, mbs, spec.seq_length, spec.micro_batch_size)
+                for c in bundle.chunks:
+                    c.zero_grad(set_to_none=True)
+        del runs
+        torch.distributed.barrier()
+        ps.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
+
+
+def launch_local(fn, world: int, args: tuple = (), timeout_s: float = 300.0) -> None:
+    """Run ``fn(rank, world, port, *args)`` in ``world`` forked processes; kill them all and raise
+    on timeout or on the first failure."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=(world, _free_port()) + tuple(args), nprocs=world,
+                             start_method="fork", join=False)
+    deadline = time.time() + timeout_s
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.time() > deadline:
+                raise TimeoutError(f"local run did not finish within {timeout_s:.0f} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+
+
+def measure_layouts(ling: LingConfig, pp: int, layouts: list, seq_length: int, micro_batch_size: int,
+                    num_microbatches: int, out_dir: str, steps: int = 3, threads: int = 1,
+                    timeout_s: float = 300.0, niceness: Optional[int] = None) -> list:
+    """Run every layout for real on ``pp`` local ranks; returns, per layout, a dict with the
+    layout, its run directory and the fastest / median measured iteration time (pipeline span)."""
+    from megatron_ling.parallel.layout import check_layout
+    from megatron_ling.profiling.analysis import load_run
+
+    for lay in layouts:
+        check_layout(lay, pp, ling.num_hidden_layers, ling.num_nextn_predict_layers)
+    os.makedirs(out_dir, exist_ok=True)
+    spec = MeasureSpec(ling=ling.to_hf_dict(), pp=pp, layouts=list(layouts), seq_length=seq_length,
+                       micro_batch_size=micro_batch_size, num_microbatches=num_microbatches, steps=steps,
+                       out_dir=out_dir, threads=threads, niceness=niceness)
+    launch_local(_measure_worker, pp, (asdict(spec),), timeout_s=timeout_s)
+    res = []
+    for i, lay in enumerate(layouts):
+        run = load_run(os.path.join(out_dir, str(i)))
+        spans = [tl.span for tl in run.timelines]
+        # the fastest recorded iteration: on a shared machine, the least disturbed one
+        res.append({"layout": lay, "run_dir": os.path.join(out_dir, str(i)), "iteration_s": min(spans),
+                    "median_s": statistics.median(spans), "iterations_s": spans})
+    return res
+
+
+def save_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+__all__ = ["calibrate", "measure_layouts", "launch_local", "make_microbatches", "LingConfigError"]

@@ -1,0 +1,206 @@
+"""Megatron-Core torch_dist checkpoints with the model config and recipe inside.
+
+Layout (Megatron-LM compatible names):
+
+    CKPT_DIR/iter_0000010/                   dist_checkpointing (torch_dist) files + common.pt
+    CKPT_DIR/latest_checkpointed_iteration.txt  written last, atomically, after every rank finished
+
+A save goes to ``iter_XXXXXXX.tmp`` and is renamed when every rank is done, so a job killed
+during a save leaves the previous checkpoint as the latest complete one. The common state holds
+plain types only (loaded with torch.load(weights_only=True)): iteration, consumed_samples,
+ling_config (HF config.json dict), recipe, parallel layout, LR scheduler state, version.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from typing import Optional
+
+import torch
+
+from megatron_ling.errors import LingConfigError
+from megatron_ling.version import __version__
+
+TRACKER = "latest_checkpointed_iteration.txt"
+CHECKPOINT_FORMAT = 1
+_ITER_RE = re.compile(r"^iter_(\d{7})$")
+
+
+def checkpoint_path(ckpt_dir: str, iteration: int) -> str:
+    return os.path.join(ckpt_dir, f"iter_{iteration:07d}")
+
+
+def latest_iteration(ckpt_dir: str) -> Optional[int]:
+    """Iteration named by the tracker file, if it and its directory exist (else None)."""
+    tracker = os.path.join(ckpt_dir, TRACKER)
+    if not os.path.isfile(tracker):
+        return None
+    text = open(tracker).read().strip()
+    if not text.isdigit():
+        raise LingConfigError(f"checkpoint.dir: tracker {tracker} holds {text!r}, not an iteration number")
+    it = int(text)
+    if not os.path.isdir(checkpoint_path(ckpt_dir, it)):
+        raise LingConfigError(f"checkpoint.dir: tracker names iteration {it} but {checkpoint_path(ckpt_dir, it)} "
+                              f"is missing")
+    return it
+
+
+def resolve_load_path(path: str) -> str:
+    """A checkpoint root (with a tracker) or one iter_XXXXXXX directory -> the directory to load."""
+    if os.path.isfile(os.path.join(path, "metadata.json")) or os.path.isfile(os.path.join(path, "common.pt")):
+        return path
+    it = latest_iteration(path)
+    if it is None:
+        raise LingConfigError(f"checkpoint.resume: {path} holds neither a checkpoint nor a {TRACKER}")
+    return checkpoint_path(path, it)
+
+
+def _model_sharded_state_dict(bundle) -> dict:
+    from megatron.core import parallel_state as ps
+
+    # dp_cp_group metadata is required when MTP sits on a non-first pipeline stage
+    # (megatron/core/models/gpt/gpt_model.py sharded_state_dict).
+    meta = {"dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
+    if len(bundle.chunks) == 1:
+        return {"model": bundle.unwrapped[0].sharded_state_dict(metadata=meta)}
+    return {f"model{i}": m.sharded_state_dict(metadata=meta) for i, m in enumerate(bundle.unwrapped)}
+
+
+def _optimizer_metadata() -> dict:
+    # fully_reshardable: optimizer state can be loaded at another TP/PP/DP layout.
+    return {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+
+
+def _barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def layout_signature(parallel) -> dict:
+    return {k: getattr(parallel, k) for k in ("tp", "pp", "vpp", "ep", "etp", "cp", "distributed_optimizer")}
+
+
+def save_checkpoint(bundle, optimizer, lr_scheduler, ckpt_dir: str, iteration: int, consumed_samples: int,
+                    recipe_dict: Optional[dict] = None, parallel=None, keep_last: Optional[int] = None) -> str:
+    """Save model (+ optimizer, + scheduler) at ``iteration``. Collective: call on every rank."""
+    from megatron.core import dist_checkpointing
+
+    final = checkpoint_path(ckpt_dir, iteration)
+    tmp = final + ".tmp"
+    if _rank() == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a save that was killed earlier
+        os.makedirs(tmp)
+    _barrier()
+    state = _model_sharded_state_dict(bundle)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False, metadata=_optimizer_metadata())
+    state.update(
+        checkpoint_format=CHECKPOINT_FORMAT,
+        megatron_ling_version=__version__,
+        iteration=int(iteration),
+        consumed_samples=int(consumed_samples),
+        ling_config=bundle.ling.to_hf_dict(),
+        recipe=recipe_dict or {},
+        parallel=layout_signature(parallel) if parallel is not None else {},
+        opt_param_scheduler=lr_scheduler.state_dict() if lr_scheduler is not None else {},
+    )
+    dist_checkpointing.save(state, tmp, sharded_strategy=("torch_dist", 1))
+    _barrier()
+    if _rank() == 0:
+        if os.path.exists(final):
+            shutil.rmtree(final)  # re-saving the same iteration (e.g. after a resume)
+        os.replace(tmp, final)
+        _write_tracker(ckpt_dir, iteration)
+        if keep_last:
+            _prune(ckpt_dir, keep_last)
+    _barrier()
+    return final
+
+
+def _write_tracker(ckpt_dir: str, iteration: int) -> None:
+    tmp = os.path.join(ckpt_dir, TRACKER + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(str(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(ckpt_dir, TRACKER))
+
+
+def _prune(ckpt_dir: str, keep_last: int) -> None:
+    its = sorted(int(m.group(1)) for d in os.listdir(ckpt_dir) if (m := _ITER_RE.match(d)))
+    for it in its[:-keep_last]:
+        shutil.rmtree(checkpoint_path(ckpt_dir, it), ignore_errors=True)
+
+
+def read_common_state(path: str) -> dict:
+    """The common (non-sharded) state of a checkpoint: iteration, ling_config, recipe, ..."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(resolve_load_path(path))
+
+
+def _check_optimizer_reshard(saved: dict, parallel) -> None:
+    """megatron-core 0.16.1 cannot reshard distributed-optimizer state between EP=1 and EP>1
+    (expert params move between the dense and the expert optimizer), so refuse before loading."""
+    if not saved or parallel is None:
+        return
+    old_ep, new_ep = saved.get("ep", 1), parallel.ep
+    if (old_ep == 1) != (new_ep == 1):
+        raise LingConfigError(
+            f"checkpoint.load_optimizer: the checkpoint was saved with ep={old_ep} and this run uses ep={new_ep}; "
+            f"megatron-core cannot reshard optimizer state across that change: set checkpoint.load_optimizer=false "
+            f"to load the model weights only (the optimizer starts fresh)")
+
+
+def load_checkpoint(bundle, optimizer, lr_scheduler, path: str, load_optimizer: bool = True,
+                    parallel=None, strict: bool = True) -> dict:
+    """Load a checkpoint (root dir or iter dir) into ``bundle`` (+ optimizer, + scheduler).
+    Returns its common state. Model weights load at any layout; see _check_optimizer_reshard."""
+    from megatron.core import dist_checkpointing
+
+    path = resolve_load_path(path)
+    common = dist_checkpointing.load_common_state_dict(path)
+    has_optimizer = _has_optimizer_state(path)
+    want_optimizer = load_optimizer and optimizer is not None and has_optimizer
+    if want_optimizer:
+        _check_optimizer_reshard(common.get("parallel") or {}, parallel)
+    state = _model_sharded_state_dict(bundle)
+    if want_optimizer:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_optimizer_metadata())
+    loaded = dist_checkpointing.load(state, path, strict="assume_ok_unexpected" if not strict else "raise_all")
+    if isinstance(loaded, tuple):
+        loaded = loaded[0]
+    if len(bundle.chunks) == 1:
+        bundle.unwrapped[0].load_state_dict(loaded["model"], strict=strict)
+    else:
+        for i, m in enumerate(bundle.unwrapped):
+            m.load_state_dict(loaded[f"model{i}"], strict=strict)
+    if want_optimizer:
+        optimizer.load_state_dict(loaded["optimizer"])
+        if lr_scheduler is not None and common.get("opt_param_scheduler"):
+            lr_scheduler.load_state_dict(common["opt_param_scheduler"])
+    elif optimizer is not None and hasattr(optimizer, "reload_model_params"):
+        # fp32 main params (bf16/fp16 training, distributed optimizer) start from the loaded weights.
+        optimizer.reload_model_params()
+    from megatron_ling.models.expert_bias import assert_fp32_expert_bias
+
+    assert_fp32_expert_bias(bundle.unwrapped)
+    common["loaded_optimizer"] = want_optimizer
+    return common
+
+
+def _has_optimizer_state(path: str) -> bool:
+    """Whether the checkpoint holds optimizer tensors (a from-hf import holds the model only)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        meta = FileSystemReader(path).read_metadata()
+    except Exception:
+        return False
+    return any(k.startswith("optimizer.") for k in meta.state_dict_metadata)

@@ -1,0 +1,246 @@
+"""The training loop: recipe -> process groups -> model/optimizer -> data -> steps -> checkpoints."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_ling.errors import LingConfigError
+from megatron_ling.training.recipe import Recipe
+
+
+@dataclass
+class TrainResult:
+    iteration: int
+    losses: list  # (iteration, lm loss) of every logged step
+    checkpoint: Optional[str]
+    reason: str  # completed | preempted
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank_from_env() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def preflight(recipe: Recipe, world_size: int):
+    """Everything that can fail on user input, with no process group: recipe checks, data
+    (the quick-start corpus is built here once, under a file lock), tokenizer vs vocab, backends."""
+    from megatron_ling.data.datasets import resolve_data_config
+    from megatron_ling.data.tokenizer import load_tokenizer
+    from megatron_ling.models.megatron_config import te_available
+
+    recipe.validate(world_size)
+    ling = recipe.model.ling_config()
+    if recipe.parallel.cp > 1 and not te_available():
+        raise LingConfigError("parallel.cp: context parallelism needs Transformer Engine attention on GPUs; set cp: 1")
+    data_cfg = resolve_data_config(recipe.data)
+    tokenizer = None
+    if not data_cfg.mock:
+        tokenizer = load_tokenizer(data_cfg.tokenizer, data_cfg.cache_dir)
+        if tokenizer.vocab_size > ling.vocab_size:
+            raise LingConfigError(
+                f"model.overrides.vocab_size: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                f"vocab_size is {ling.vocab_size}; set model.overrides.vocab_size >= {tokenizer.vocab_size}")
+    return ling, data_cfg, tokenizer
+
+
+def _resolve_pipeline_layout(recipe: Recipe, ling, world_size: int) -> None:
+    par = recipe.parallel
+    if par.pipeline_layout != "auto":
+        return
+    if par.pp == 1:
+        par.pipeline_layout = None
+        return
+    from megatron_ling.profiling.planner import plan_layout
+
+    par.pipeline_layout = plan_layout(ling, par, recipe.training.seq_length, recipe.training.micro_batch_size,
+                                      recipe.num_microbatches(world_size))
+
+
+def _check_same_model(common: dict, ling) -> None:
+    saved = common.get("ling_config")
+    if not saved:
+        return
+    from megatron_ling.models.config import LingConfig
+
+    old = LingConfig.from_hf_dict(saved)
+    diffs = [f.name for f in dataclasses.fields(old) if f.name not in ("extra", "eos_token_id", "pad_token_id",
+                                                                         "max_position_embeddings", "rope_theta")
+             and getattr(old, f.name) != getattr(ling, f.name)]
+    if diffs:
+        k = diffs[0]
+        raise LingConfigError(f"model.overrides.{k}: the checkpoint's model has {k}={getattr(old, k)!r} but this "
+                              f"recipe builds {getattr(ling, k)!r}; use the checkpoint's model config")
+
+
+class _EvalData:
+    def __init__(self, dataset, recipe: Recipe, dp_rank: int, dp_size: int):
+        self.dataset, self.recipe, self.dp_rank, self.dp_size = dataset, recipe, dp_rank, dp_size
+
+    def batches(self, n_mb: int, start: int) -> list:
+        from megatron_ling.data.datasets import get_batch_iterator
+
+        it = get_batch_iterator(self.dataset, self.recipe.training.micro_batch_size, start, self.dp_rank, self.dp_size)
+        return [next(it) for _ in range(n_mb)]
+
+
+def train(recipe: Recipe) -> TrainResult:
+    """Run a recipe. Launch under torchrun (or any launcher that sets RANK/WORLD_SIZE/MASTER_*)."""
+    world = world_size_from_env()
+    ling, data_cfg, tokenizer = preflight(recipe, world)
+    _resolve_pipeline_layout(recipe, ling, world)
+
+    from megatron_ling.training.setup import (build_lr_scheduler, build_model, build_optimizer,
+                                              init_distributed, init_model_parallel, prepare_process)
+
+    prepare_process(cpu_threads=int(os.environ.get("LING_CPU_THREADS", "0")) or None)
+    init_distributed()
+    from megatron.core import parallel_state as ps
+
+    from megatron_ling.data.datasets import build_datasets, get_batch_iterator
+    from megatron_ling.training.checkpoint import latest_iteration, load_checkpoint, read_common_state, save_checkpoint
+    from megatron_ling.training.metrics import MetricsLogger, gather_moe_stats, memory_gib
+    from megatron_ling.training.signals import StopRequest, write_exit_status
+    from megatron_ling.training.step import eval_step, train_step
+
+    rank = torch.distributed.get_rank()
+    init_model_parallel(recipe.parallel, recipe.model.seed)
+    opts = recipe.model.options()
+    bundle = build_model(ling, recipe.parallel, opts)
+    o = recipe.optimizer
+    optimizer = build_optimizer(bundle, recipe.parallel, opts, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                                adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+                                clip_grad=o.clip_grad)
+    t = recipe.training
+    scheduler = build_lr_scheduler(optimizer, recipe.lr, o, t.train_iters)
+    ckpt_dir = recipe.checkpoint_dir
+    recipe_dict = recipe.to_dict()
+    if rank == 0:
+        os.makedirs(recipe.run_dir, exist_ok=True)
+        path = os.path.join(recipe.run_dir, "recipe.yaml")
+        with open(path + ".tmp", "w") as f:
+            f.write(recipe.to_yaml())
+        os.replace(path + ".tmp", path)
+
+    # ---------------------------------------------------------------- resume
+    iteration, consumed = 0, 0
+    load_from = None
+    if recipe.checkpoint.resume == "auto":
+        if latest_iteration(ckpt_dir) is not None:
+            load_from = ckpt_dir
+    elif recipe.checkpoint.resume != "none":
+        load_from = recipe.checkpoint.resume
+    if load_from:
+        _check_same_model(read_common_state(load_from), ling)
+        finetune = recipe.checkpoint.finetune
+        common = load_checkpoint(bundle, optimizer, scheduler, load_from,
+                                 load_optimizer=recipe.checkpoint.load_optimizer and not finetune,
+                                 parallel=recipe.parallel)
+        if not finetune:
+            iteration, consumed = int(common.get("iteration", 0)), int(common.get("consumed_samples", 0))
+            if not common["loaded_optimizer"]:
+                scheduler.num_steps = iteration  # LR continues; optimizer moments start fresh
+        if rank == 0:
+            print(f"loaded checkpoint {load_from} (iteration {common.get('iteration')}"
+                  f"{', weights only' if not common['loaded_optimizer'] else ''}); starting at iteration {iteration}",
+                  flush=True)
+
+    # ------------------------------------------------------------------ data
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    nmb = recipe.num_microbatches(world)
+    n_eval = 0
+    if t.eval_interval:
+        n_eval = (t.train_iters // t.eval_interval + 1) * t.eval_iters * t.global_batch_size
+    train_ds, valid_ds, _ = build_datasets(data_cfg, tokenizer, t.seq_length,
+                                           (t.train_iters * t.global_batch_size, n_eval or None, None))
+    data = get_batch_iterator(train_ds, t.micro_batch_size, consumed, dp_rank, dp_size, data_cfg.num_workers)
+    evaluator = _EvalData(valid_ds, recipe, dp_rank, dp_size) if (t.eval_interval and valid_ds is not None) else None
+
+    from megatron_ling.profiling.recorder import PipelineProfiler
+
+    profiler = PipelineProfiler(recipe.profiling, recipe.run_dir, meta={
+        "recipe": recipe_dict, "num_microbatches": nmb, "pp": recipe.parallel.pp, "vpp": recipe.parallel.vpp,
+        "pipeline_layout": recipe.parallel.pipeline_layout})
+    logger = MetricsLogger(rank, recipe.tensorboard_dir, recipe.metrics_file, t.train_iters)
+    stop = StopRequest()
+    losses, last_saved, reason = [], None, "completed"
+    interval = recipe.checkpoint.interval
+    if rank == 0:
+        n = sum(p.numel() for c in bundle.unwrapped for p in c.parameters())
+        print(f"megatron-ling: {recipe.model.preset or recipe.model.hf_config} | world {world} "
+              f"(tp {recipe.parallel.tp} pp {recipe.parallel.pp} vpp {recipe.parallel.vpp} ep {recipe.parallel.ep} "
+              f"dp {dp_size}) | {nmb} microbatches x {t.micro_batch_size} x {t.seq_length} tokens | "
+              f"rank-0 params {n:,}", flush=True)
+
+    def save(it):
+        nonlocal last_saved
+        if recipe.checkpoint.save:
+            last_saved = save_checkpoint(bundle, optimizer, scheduler, ckpt_dir, it, data.consumed_samples,
+                                         recipe_dict, recipe.parallel, recipe.checkpoint.keep_last)
+
+    try:
+        while iteration < t.train_iters:
+            t0 = time.time()
+            mbs = [next(data) for _ in range(nmb)]
+            with profiler.step(iteration + 1, bundle.chunks):
+                r = train_step(bundle, optimizer, mbs, t.seq_length, t.micro_batch_size, lr_scheduler=scheduler)
+            iteration += 1
+            dt = time.time() - t0
+            if iteration % recipe.logging.log_interval == 0 or iteration == 1 or iteration == t.train_iters:
+                scalars = {"lm_loss": r.lm_loss, **r.extra, "lr": scheduler.get_lr(optimizer.param_groups[0]),
+                           "grad_norm": r.grad_norm, "tokens_per_s": t.global_batch_size * t.seq_length / dt,
+                           "step_time_s": dt, "consumed_samples": data.consumed_samples, **memory_gib()}
+                moe = gather_moe_stats(bundle.stats) if recipe.logging.per_layer_moe_stats else None
+                logger.log(iteration, scalars, moe)
+                losses.append((iteration, r.lm_loss))
+            if evaluator is not None and iteration % t.eval_interval == 0:
+                ev = eval_step(bundle, evaluator.batches(nmb * t.eval_iters, 0), t.seq_length, t.micro_batch_size)
+                logger.log(iteration, {"eval_lm_loss": ev})
+            if stop.agreed():
+                reason = "preempted"
+                save(iteration)
+                if rank == 0:
+                    print(f"stop requested ({stop.received or 'stop file'}): saved iteration {iteration}, exiting",
+                          flush=True)
+                break
+            if interval and iteration % interval == 0 and iteration < t.train_iters:
+                save(iteration)
+        else:
+            if last_saved != (iteration and _ckpt_name(ckpt_dir, iteration)):
+                save(iteration)
+    except BaseException:
+        if rank == 0:
+            write_exit_status("failed", iteration)
+        raise
+    finally:
+        logger.close()
+    if rank == 0:
+        write_exit_status(reason, iteration)
+        if recipe.checkpoint.save:
+            print(f"checkpoint: {last_saved}", flush=True)
+        print(f"tensorboard: {recipe.tensorboard_dir}\nmetrics: {recipe.metrics_file}", flush=True)
+    return TrainResult(iteration=iteration, losses=losses, checkpoint=last_saved, reason=reason)
+
+
+def _ckpt_name(ckpt_dir, it):
+    from megatron_ling.training.checkpoint import checkpoint_path
+
+    return checkpoint_path(ckpt_dir, it)
+
+
+def run_from_cli(config: str, overrides: list) -> TrainResult:
+    from megatron_ling.training.recipe import load_recipe
+
+    return train(load_recipe(config, overrides))
+
+
+def dump_json(obj) -> str:
+    return json.dumps(obj, indent=2, default=str)

@@ -1,0 +1,371 @@
+"""ling-convert: Megatron torch_dist <-> HF BailingMoeV2, checked against an independent HF
+implementation (NeMo-AutoModel's BailingMoeV2ForCausalLM) by logits.
+
+Checkpoints are saved by megatron-core itself (dist_checkpointing.save, torch_dist) from models
+built at TP2xPP2, EP2 and PP2+VPP2 with forked gloo ranks; RMSNorm weights and expert_bias get
+non-trivial values so that a dropped norm, a zeroed or bf16 bias or a swapped QKV shows up.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megatron_ling.convert import names as N
+from megatron_ling.convert.cli import main as cli_main
+from megatron_ling.convert.from_hf import from_hf
+from megatron_ling.convert.hf_io import FP8_QUANT_CONFIG, fp8_dequantize, fp8_quantize, fp8_scale_shape
+from megatron_ling.convert.synthetic import layout_forward, save_megatron_checkpoint
+from megatron_ling.convert.to_hf import to_hf
+from megatron_ling.convert.verify import reference_logits, reference_model, verify
+from megatron_ling.errors import LingConfigError
+from megatron_ling.models.config import get_preset
+from megatron_ling.testing import run_ranks
+
+# larger init than ling-tiny's 0.02 so logits are O(1) and 1e-5 is a tight check
+CFG = get_preset("ling-tiny", initializer_range=0.1)
+LAYOUTS = {"tp2pp2": (dict(tp=2, pp=2), 4), "ep2": (dict(ep=2), 2), "pp2vpp2": (dict(pp=2, vpp=2), 2)}
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("convert")
+
+
+@pytest.fixture(scope="module")
+def ckpts(work):
+    """megatron-core torch_dist checkpoints of one tiny Ling model family at three layouts."""
+    out = {}
+    for name, (par, world) in LAYOUTS.items():
+        out[name] = save_megatron_checkpoint(CFG, str(work / f"ckpt_{name}"), par, world, seed=7)
+    return out
+
+
+def load_dir(d):
+    out = {}
+    for f in sorted(glob.glob(os.path.join(d, "*.safetensors"))):
+        out.update(load_file(f))
+    return out
+
+
+def ids_for(cfg, seed=0, b=2, s=24):
+    return torch.randint(0, cfg.vocab_size, (b, s), generator=torch.Generator().manual_seed(seed))
+
+
+def megatron_tp1(ckpt, ids):
+    """(logits, MTP loss) of the checkpoint loaded by megatron at TP1, in a harness rank."""
+    return layout_forward(ckpt, CFG, {}, 1, ids)
+
+
+# ------------------------------------------------------------------------------ unit level
+def test_qkv_and_fc1_layout_inverse():
+    cfg = CFG
+    w = torch.randn(N.megatron_shape(cfg, "qkv"))
+    hf = N.qkv_megatron_to_hf(w, cfg)
+    assert torch.equal(N.qkv_hf_to_megatron(hf, cfg), w)
+    # group g of Megatron = [Q heads of g | K_g | V_g]; HF = [all Q | all K | all V]
+    hd, per = cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads
+    k0_megatron = w[per * hd:(per + 1) * hd]
+    assert torch.equal(hf[cfg.num_attention_heads * hd: cfg.num_attention_heads * hd + hd], k0_megatron)
+    e = torch.randn(N.megatron_shape(cfg, "experts_fc1"))
+    assert torch.equal(N.role_from_hf(cfg, "experts_fc1", N.role_to_hf(cfg, "experts_fc1", e)), e)
+
+
+def test_classify_spellings():
+    c = N.classify
+    assert c("decoder.layers.3.self_attention.linear_qkv.layer_norm_weight") == N.Slot(("layer", 3), "input_norm")
+    assert c("decoder.layers.3.input_layernorm.weight") == N.Slot(("layer", 3), "input_norm")
+    assert c("decoder.layers.2.pre_mlp_layernorm.weight") == N.Slot(("layer", 2), "post_norm")
+    assert c("mtp.layers.0.mtp_model_layer.mlp.router.expert_bias") == N.Slot(("mtp", 0), "expert_bias")
+    assert c("mtp.layers.0.transformer_layer.mlp.router.expert_bias") == N.Slot(("mtp", 0), "expert_bias")
+    assert c("optimizer.state.exp_avg.decoder.layers.0.mlp.linear_fc1.weight") is None
+    with pytest.raises(LingConfigError, match="unknown model tensor key"):
+        c("decoder.layers.0.self_attention.linear_qkv.bias")
+
+
+def test_fp8_blockwise_quantization():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 200, generator=g) * torch.logspace(-3, 1, 200)  # columns of very different scale
+    q, s = fp8_quantize(w)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == w.shape
+    assert s.dtype == torch.float32 and tuple(s.shape) == fp8_scale_shape(w.shape) == (3, 2)
+    d = fp8_dequantize(q, s, torch.float32)
+    # e4m3: 3 mantissa bits -> relative error <= 2^-4 for normals; subnormals: <= scale * 2^-9
+    bound = w.abs() * 2 ** -4 + s.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :200] * 2 ** -9
+    assert ((d - w).abs() <= bound + 1e-12).all()
+
+
+# ------------------------------------------------------------------------- Megatron -> HF
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_to_hf_matches_reference(ckpts, work, layout):
+    out = str(work / f"hf_{layout}")
+    r = to_hf(ckpts[layout], out, dtype="fp32", shard_size=200_000, show_progress=False)
+    files = sorted(os.listdir(out))
+    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 3
+    assert r.bytes_written > 0
+    sd = load_dir(out)
+    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
+    assert set(index["weight_map"]) == set(sd)
+    bias = sd["model.layers.1.mlp.gate.expert_bias"]
+    assert bias.dtype == torch.float32 and bias.abs().min() > 0
+    res = verify(ckpts[layout], out, isolate=True)
+    assert res["max_abs_logit"] > 0.5  # a meaningful scale for the tolerance
+    assert res["max_abs_diff"] <= TOL, res
+
+
+@pytest.mark.slow
+def test_from_hf_matches_reference_at_two_layouts(ckpts, work):
+    hf = str(work / "hf_src_fp32")
+    to_hf(ckpts["ep2"], hf, dtype="fp32", show_progress=False)
+    imp = str(work / "imported_fp32")
+    from_hf(hf, imp, show_progress=False)
+    assert open(os.path.join(imp, "latest_checkpointed_iteration.txt")).read() == "0"
+    common = torch.load(os.path.join(imp, "iter_0000000", "common.pt"), weights_only=True)
+    assert common["model_only"] and common["iteration"] == 0 and common["ling_config"]["hidden_size"] == 64
+    ids = ids_for(CFG)
+    ref = reference_logits(reference_model(hf), ids)
+    # layout 1: TP1 in this process
+    tp1, _ = megatron_tp1(imp, ids)
+    assert (tp1 - ref).abs().max().item() <= TOL
+    # layout 2: EP2 on two gloo ranks (each rank holds 4 of the 8 experts), strict key check
+    ep2, _ = layout_forward(imp, CFG, dict(ep=2), 2, ids)
+    assert (ep2 - ref).abs().max().item() <= TOL
+    # exactly the keys (tensors and ShardedObjects) megatron-core itself writes for this model
+    md_imp = pickle.load(open(os.path.join(imp, "iter_0000000", ".metadata"), "rb")).state_dict_metadata
+    md_meg = pickle.load(open(os.path.join(ckpts["ep2"], "iter_0000010", ".metadata"), "rb")).state_dict_metadata
+    assert set(md_imp) == set(md_meg)
+    assert all(getattr(md_imp[k], "size", None) == getattr(md_meg[k], "size", None) for k in md_imp)
+
+
+# ------------------------------------------------------------------------------ round trip
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_round_trip_is_bit_identical(ckpts, work, dtype):
+    a_dir, m_dir, b_dir = (str(work / f"rt_{dtype}_{x}") for x in "amb")
+    to_hf(ckpts["tp2pp2"], a_dir, dtype=dtype, show_progress=False)
+    from_hf(a_dir, m_dir, show_progress=False)
+    to_hf(m_dir, b_dir, dtype=dtype, show_progress=False)
+    a, b = load_dir(a_dir), load_dir(b_dir)
+    assert set(a) == set(b) and len(a) > 100
+    want = torch.bfloat16 if dtype == "bf16" else torch.float32
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+        assert a[k].dtype == (torch.float32 if k.endswith("expert_bias") else want), k
+    # the imported checkpoint keeps expert_bias fp32 even when the weights are bf16
+    from megatron_ling.convert.torch_dist import TorchDistReader
+
+    r = TorchDistReader(m_dir)
+    assert r.dtype("decoder.layers.1.mlp.router.expert_bias") == torch.float32
+    assert r.dtype("decoder.layers.1.self_attention.linear_qkv.weight") == want
+
+
+# ----------------------------------------------------------------------------------- FP8
+@pytest.mark.slow
+def test_fp8_export_and_import(ckpts, work):
+    ref_dir, f8 = str(work / "fp8_ref"), str(work / "fp8")
+    to_hf(ckpts["ep2"], ref_dir, dtype="fp32", show_progress=False)
+    to_hf(ckpts["ep2"], f8, dtype="fp8", show_progress=False)
+    cfg = json.load(open(os.path.join(f8, "config.json")))
+    assert cfg["quantization_config"] == FP8_QUANT_CONFIG
+    ref, q = load_dir(ref_dir), load_dir(f8)
+    n_fp8 = 0
+    for k, w in ref.items():
+        quantized = k.startswith("model.layers.") and w.dim() == 2 and not k.endswith("mlp.gate.weight")
+        if quantized:
+            n_fp8 += 1
+            assert q[k].dtype == torch.float8_e4m3fn, k
+            s = q[k + "_scale_inv"]
+            assert s.dtype == torch.float32 and tuple(s.shape) == fp8_scale_shape(w.shape), k
+            d = fp8_dequantize(q[k], s, torch.float32)
+            assert (d - w).abs().max() <= w.abs().max() * 2 ** -4 + 1e-12, k
+        else:
+            assert k + "_scale_inv" not in q
+            assert q[k].dtype == (torch.float32 if k.endswith("expert_bias") else torch.bfloat16), k
+    assert n_fp8 > 50
+    assert set(q) == set(ref) | {k + "_scale_inv" for k in ref if k + "_scale_inv" in q}
+    # import back (dequantized to bf16), run at fp32: logits stay close to the fp32 original
+    imp = str(work / "fp8_imported")
+    from_hf(f8, imp, show_progress=False)
+    ids = ids_for(CFG)
+    ref_logits = reference_logits(reference_model(ref_dir), ids)
+    got, _ = megatron_tp1(imp, ids)
+    # stated tolerance: FP8 (e4m3) weights move the logits by < 5% of their largest magnitude
+    assert (got - ref_logits).abs().max().item() <= 0.05 * ref_logits.abs().max().item()
+
+
+# ----------------------------------------------------------------------------------- MTP
+@pytest.mark.slow
+def test_mtp_layer_export_and_reimport(ckpts, work):
+    hf, imp, drop = str(work / "mtp_hf"), str(work / "mtp_imp"), str(work / "mtp_drop")
+    to_hf(ckpts["pp2vpp2"], hf, dtype="fp32", show_progress=False)
+    sd = load_dir(hf)
+    L, H = CFG.num_hidden_layers, CFG.hidden_size
+    p = f"model.layers.{L}."
+    for n in ("enorm.weight", "hnorm.weight", "final_layernorm.weight"):
+        assert sd[p + n].shape == (H,)
+    assert sd[p + "eh_proj.weight"].shape == (H, 2 * H)
+    assert sd[p + "mlp.gate.weight"].shape == (CFG.num_experts, H)
+    assert sd[p + "mlp.gate.expert_bias"].dtype == torch.float32
+    assert sd[p + f"mlp.experts.{CFG.num_experts - 1}.down_proj.weight"].shape == (H, CFG.moe_intermediate_size)
+    assert sd[p + "attention.query_key_value.weight"].shape[0] == (4 + 2 * 2) * 16
+    assert not any(k.startswith(f"model.layers.{L + 1}.") for k in sd)
+    from_hf(hf, imp, show_progress=False)
+    ids = ids_for(CFG)
+    _, loss_a = megatron_tp1(ckpts["pp2vpp2"], ids)
+    _, loss_b = megatron_tp1(imp, ids)
+    assert loss_a.item() > 0 and torch.equal(loss_a, loss_b)
+    to_hf(ckpts["pp2vpp2"], drop, dtype="fp32", mtp="drop", show_progress=False)
+    assert not any(k.startswith(p) for k in load_dir(drop))
+    assert json.load(open(os.path.join(drop, "config.json")))["num_nextn_predict_layers"] == 0
+
+
+@pytest.mark.slow
+def test_other_spellings_and_optimizer_keys(ckpts, work):
+    """TE spelling of MoE layers' pre-MLP norm, newer megatron-core's `mtp_model_layer` and
+    distributed-optimizer tensors in the same checkpoint give the same HF output."""
+    src = os.path.join(ckpts["ep2"], "iter_0000010")
+    alt = str(work / "ckpt_alt")
+    shutil.copytree(src, alt)
+    md = pickle.load(open(os.path.join(alt, ".metadata"), "rb"))
+
+    def rename(k):
+        k = k.replace(".transformer_layer.", ".mtp_model_layer.")
+        if ".mlp.linear_fc1.layer_norm_weight" in k and not k.startswith("decoder.layers.0."):
+            k = k.replace("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight")
+        return k
+
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    md.state_dict_metadata = {rename(k): v for k, v in md.state_dict_metadata.items()}
+    md.storage_data = {MetadataIndex(rename(i.fqn), i.offset, i.index): v for i, v in md.storage_data.items()}
+    # an optimizer moment stored next to the weights, as the distributed optimizer does
+    k0 = "decoder.layers.0.self_attention.linear_proj.weight"
+    md.state_dict_metadata["optimizer.state.exp_avg." + k0] = md.state_dict_metadata[k0]
+    for i, v in list(md.storage_data.items()):
+        if i.fqn == k0:
+            md.storage_data[MetadataIndex("optimizer.state.exp_avg." + k0, i.offset, i.index)] = v
+    pickle.dump(md, open(os.path.join(alt, ".metadata"), "wb"))
+    a, b = str(work / "spell_a"), str(work / "spell_b")
+    to_hf(ckpts["ep2"], a, dtype="fp32", show_progress=False)
+    to_hf(alt, b, dtype="fp32", show_progress=False)
+    da, db = load_dir(a), load_dir(b)
+    assert set(da) == set(db) and all(torch.equal(da[k], db[k]) for k in da)
+
+
+# ----------------------------------------------------------------------------- bad inputs
+def _run_cli(argv, capsys):
+    rc = cli_main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return rc, err
+
+
+def _leftovers(parent, name):
+    return [p for p in os.listdir(parent) if p.startswith(name) or p.startswith("." + name)]
+
+
+@pytest.mark.slow
+def test_bad_inputs_one_line_and_nothing_left(ckpts, work, capsys):
+    good = ckpts["ep2"]
+    bad = str(work / "bad")
+    os.makedirs(bad)
+    out = os.path.join(bad, "out")
+
+    def expect(argv, match):
+        rc, err = _run_cli(argv, capsys)
+        errs = [e for e in err if e.startswith("error:")]
+        assert rc == 2 and len(errs) == 1 and match in errs[0], (argv, err)
+        assert not _leftovers(bad, "out"), os.listdir(bad)
+
+    # existing output without --force
+    os.makedirs(out)
+    expect(["to-hf", good, out, "--no-progress"], "already exists")
+    os.rmdir(out)
+    # missing / truncated torch_dist data file
+    for case in ("missing", "truncated"):
+        c = os.path.join(bad, f"ckpt_{case}")
+        shutil.copytree(os.path.join(good, "iter_0000010"), c)
+        f = sorted(glob.glob(os.path.join(c, "*.distcp")))[-1]
+        if case == "missing":
+            os.remove(f)
+        else:
+            os.truncate(f, os.path.getsize(f) // 2)
+        expect(["to-hf", c, out, "--no-progress"], case)
+    # config that does not match the tensors
+    wrong = os.path.join(bad, "wrong_config.json")
+    CFG.replace(num_hidden_layers=3).save_hf_config(wrong)
+    expect(["to-hf", good, out, "--config", wrong, "--no-progress"], "does not fit the model config")
+    CFG.replace(moe_intermediate_size=16).save_hf_config(wrong)
+    expect(["to-hf", good, out, "--config", wrong, "--no-progress"], "does not match the tensors")
+    # HF side: unknown key, missing shard, truncated shard, config mismatch
+    hf = os.path.join(bad, "hf")
+    to_hf(good, hf, dtype="fp32", shard_size=200_000, show_progress=False)
+    shards = sorted(glob.glob(os.path.join(hf, "model-*.safetensors")))
+    for case in ("unknown", "missing", "truncated", "config"):
+        h = os.path.join(bad, f"hf_{case}")
+        shutil.copytree(hf, h)
+        if case == "unknown":
+            from safetensors.torch import save_file
+
+            extra = os.path.join(h, "model-extra.safetensors")
+            save_file({"model.layers.0.mlp.bogus.weight": torch.zeros(2)}, extra)
+            idx = json.load(open(os.path.join(h, "model.safetensors.index.json")))
+            idx["weight_map"]["model.layers.0.mlp.bogus.weight"] = "model-extra.safetensors"
+            json.dump(idx, open(os.path.join(h, "model.safetensors.index.json"), "w"))
+            match = "unknown tensor"
+        elif case == "missing":
+            os.remove(h + "/" + os.path.basename(shards[1]))
+            match = "missing"
+        elif case == "truncated":
+            p = h + "/" + os.path.basename(shards[2])
+            os.truncate(p, os.path.getsize(p) - 10)
+            match = "truncated"
+        else:
+            c = json.load(open(os.path.join(h, "config.json")))
+            c["intermediate_size"] = 96
+            json.dump(c, open(os.path.join(h, "config.json"), "w"))
+            match = "does not match the weights"
+        expect(["from-hf", h, out, "--no-progress"], match)
+
+
+@pytest.mark.slow
+def test_cli_hf_files_force_and_verify(ckpts, work, capsys):
+    src = str(work / "hub")
+    os.makedirs(src)
+    for f, text in {"modeling_bailing_moe_v2.py": "# remote code\n", "configuration_bailing_moe_v2.py": "#\n",
+                    "tokenizer.json": "{}", "tokenizer_config.json": "{}", "generation_config.json": "{}",
+                    "config.json": json.dumps({"auto_map": {"AutoConfig": "configuration_bailing_moe_v2.X"}}),
+                    "model.safetensors": "not copied"}.items():
+        open(os.path.join(src, f), "w").write(text)
+    out = str(work / "cli_hf")
+    assert cli_main(["to-hf", ckpts["tp2pp2"], out, "--dtype", "fp32", "--hf-files", src, "--no-progress"]) == 0
+    files = set(os.listdir(out))
+    assert {"modeling_bailing_moe_v2.py", "configuration_bailing_moe_v2.py", "tokenizer.json",
+            "tokenizer_config.json", "generation_config.json", "config.json", "model.safetensors"} <= files
+    assert json.load(open(os.path.join(out, "config.json")))["auto_map"]["AutoConfig"]
+    assert open(os.path.join(out, "model.safetensors"), "rb").read(8) != b"not copi"
+    # --force replaces a complete output atomically
+    assert cli_main(["to-hf", ckpts["tp2pp2"], out, "--dtype", "fp32", "--force", "--no-progress"]) == 0
+    assert "modeling_bailing_moe_v2.py" not in os.listdir(out)
+    capsys.readouterr()
+    # verify runs megatron in-process (compat patches, a process group): keep it out of pytest
+    rc, text = run_ranks(_cli_rank, 1, dict(argv=["verify", ckpts["tp2pp2"], out, "--tol", "1e-5"]),
+                         prepare=False, timeout_s=300)[0]
+    assert rc == 0 and "max |delta logits|" in text, text
+
+
+def _cli_rank(ctx, argv):
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli_main(argv)
+    return rc, buf.getvalue()

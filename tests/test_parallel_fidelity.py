@@ -1,0 +1,128 @@
+"""Every parallel layout computes what the single process computes (issue 3).
+
+fp32, the ling-tiny preset (first layer dense, shared expert, group-limited sigmoid routing with
+expert bias, MTP): each layout loads the single-process run's initial weights, trains 3 steps on
+the same global batches (each data-parallel rank gets its share) and must match the single process:
+max |d logits| <= 1e-5 on a fixed evaluation batch before and after training (every output-layer
+call: MTP head and main head), per-step loss, grad norm and MTP loss within 1e-5 relative, the
+expert biases identical, the final weights within 2e-4 (Adam divides by sqrt(v): for the rare
+near-zero gradient, a 1e-9 reduction-order difference becomes a visible step).
+Ranks are forked by megatron_ling.testing (gloo, 60 s process-group timeout, hard case timeout).
+"""
+import pytest
+
+from megatron_ling.testing import run_ranks
+from megatron_ling.testing import fidelity as F
+
+TOL_LOGITS = 1e-5
+TOL_REL = 1e-5
+TOL_WEIGHTS = 2e-4
+TOL_BF16_LOSS = 1e-2
+SC = F.Scenario()
+CASE_TIMEOUT_S = 150
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return run_ranks(F.reference_run, 1, dict(scenario=SC), timeout_s=300)[0]
+
+
+def _layers(*per_rank):
+    """Expected global layer numbers (1-based) per rank and chunk."""
+    return [list(map(list, r)) for r in per_rank]
+
+
+# name, world, ParallelConfig fields, expected process-group sizes, expected layers per rank (or None)
+LAYOUTS = [
+    ("tp2_sp", 2, dict(tp=2), dict(tp=2, dp=1, ep=1, etp=2), None),
+    ("tp2_sp_ep2_etp1", 2, dict(tp=2, ep=2, etp=1), dict(tp=2, dp=1, ep=2, etp=1), None),
+    ("ep2_allgather", 2, dict(ep=2, moe_token_dispatcher="allgather"), dict(tp=1, dp=2, ep=2), None),
+    ("ep2_alltoall", 2, dict(ep=2, moe_token_dispatcher="alltoall"), dict(tp=1, dp=2, ep=2), None),
+    ("pp2_1f1b", 2, dict(pp=2), dict(pp=2, dp=1), _layers([[1, 2]], [[3, 4]])),
+    ("pp2_first1", 2, dict(pp=2, num_layers_in_first_pipeline_stage=1), dict(pp=2), _layers([[1]], [[2, 3, 4]])),
+    ("pp2_account_emb_loss", 2, dict(pp=2, account_for_embedding_in_pipeline_split=True,
+                                     account_for_loss_in_pipeline_split=True), dict(pp=2),
+     _layers([[1, 2]], [[3, 4]])),
+    ("pp2_layout_Et|tttmL", 2, dict(pp=2, pipeline_layout="Et|tttmL"), dict(pp=2), _layers([[1]], [[2, 3, 4]])),
+    ("pp2_vpp2", 2, dict(pp=2, vpp=2), dict(pp=2), _layers([[1], [3]], [[2], [4]])),
+    ("pp2_vpp2_layout_Ett|t||tmL", 2, dict(pp=2, vpp=2, pipeline_layout="Ett|t||tmL"), dict(pp=2),
+     _layers([[1, 2], []], [[3], [4]])),
+    ("dp2", 2, dict(distributed_optimizer=False), dict(dp=2), None),
+    ("dp2_overlap_grad", 2, dict(distributed_optimizer=False, overlap_grad_reduce=True, bucket_size=4000),
+     dict(dp=2), None),
+    ("dp2_distopt", 2, dict(distributed_optimizer=True), dict(dp=2), None),
+    ("dp2_distopt_overlap_grad_param", 2, dict(distributed_optimizer=True, overlap_grad_reduce=True,
+                                               overlap_param_gather=True, bucket_size=4000), dict(dp=2), None),
+    ("pp2_vpp2_distopt_overlap", 2, dict(pp=2, vpp=2, distributed_optimizer=True, overlap_grad_reduce=True,
+                                         overlap_param_gather=True, bucket_size=4000), dict(pp=2), None),
+    # 4 ranks
+    ("pp4_layout_empty_stage", 4, dict(pp=4, pipeline_layout="Et|tt||tmL"), dict(pp=4),
+     _layers([[1]], [[2, 3]], [[]], [[4]])),
+    ("pp4_layout_E_alone", 4, dict(pp=4, pipeline_layout="E|tt|t|tmL"), dict(pp=4),
+     _layers([[]], [[1, 2]], [[3]], [[4]])),
+    ("pp4_vpp2_layout_empty", 4, dict(pp=4, vpp=2, pipeline_layout="Et||t|||t|t|mL"), dict(pp=4),
+     _layers([[1], []], [[], [3]], [[2], [4]], [[], []])),
+    ("tp2_ep2_etp2", 4, dict(tp=2, ep=2), dict(tp=2, dp=2, ep=2, etp=2), None),
+    ("tp2_pp2", 4, dict(tp=2, pp=2), dict(tp=2, pp=2, dp=1), None),
+    ("dp2_ep2_pp2", 4, dict(pp=2, ep=2), dict(pp=2, dp=2, ep=2, tp=1), None),
+]
+
+
+@pytest.mark.parametrize("name,world,parallel,groups,layers", LAYOUTS, ids=[c[0] for c in LAYOUTS])
+def test_layout_matches_single_process(reference, name, world, parallel, groups, layers):
+    res = run_ranks(F.layout_run, world, dict(scenario=SC, parallel=parallel, full0=reference["full0"]),
+                    timeout_s=CASE_TIMEOUT_S)
+    for k, v in groups.items():  # the layout really is what the case claims
+        assert res[0]["groups"][k] == v, (k, res[0]["groups"])
+    if layers is not None:
+        assert [r["layers"] for r in res] == layers
+        assert sum(any(r["mtp"]) for r in res) == 1 and any(res[-1]["mtp"])  # MTP only on the last stage
+    d = F.compare(reference, res)
+    print(f"FIDELITY {name}: " + " ".join(f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}"
+                                           for k, v in d.items()))
+    assert d["n_logit_ranks"] >= 1
+    assert d["logits0"] <= TOL_LOGITS and d["logits"] <= TOL_LOGITS, d
+    assert d["loss"] <= TOL_REL and d["grad_norm"] <= TOL_REL and d["mtp"] <= TOL_REL, d
+    assert d["tokens_ok"], d
+    assert d["expert_bias"] == 0.0, d
+    assert d["weights"] <= TOL_WEIGHTS, d
+    # expert biases stay fp32 (ranks whose stages hold no MoE layer have none)
+    assert all(r["bias_dtypes"] in ([], ["torch.float32"]) for r in res) and any(r["bias_dtypes"] for r in res)
+
+
+def test_tp2_without_sp_forward_matches(reference):
+    """TP2 without sequence parallelism: megatron-core refuses MoE *training* without SP (see
+    test_traps), so this layout is checked for the forward pass (logits) only."""
+    sc = F.Scenario(steps=0)
+    res = run_ranks(F.layout_run, 2, dict(scenario=sc, parallel=dict(tp=2, sp=False), full0=reference["full0"],
+                                          validate=False), timeout_s=CASE_TIMEOUT_S)
+    assert res[0]["groups"]["tp"] == 2
+    diff = max((r["logits0"] - reference["logits0"]).abs().max().item() for r in res)
+    print(f"FIDELITY tp2_nosp_forward: logits0={diff:.2e}")
+    assert diff <= TOL_LOGITS
+
+
+BF16 = [
+    ("bf16_single", 1, dict(distributed_optimizer=False)),
+    ("bf16_dp2_distopt", 2, dict(distributed_optimizer=True)),
+    ("bf16_tp2_ep2", 4, dict(tp=2, ep=2)),
+    ("bf16_pp2_vpp2", 2, dict(pp=2, vpp=2)),
+]
+
+
+@pytest.mark.parametrize("name,world,parallel", BF16, ids=[c[0] for c in BF16])
+def test_bf16_close_to_fp32(reference, name, world, parallel):
+    sc = F.Scenario(precision="bf16")
+    res = run_ranks(F.layout_run, world, dict(scenario=sc, parallel=parallel, full0=reference["full0"]),
+                    timeout_s=CASE_TIMEOUT_S)
+    worst = 0.0
+    assert any(r["bias_dtypes"] for r in res)
+    for r in res:
+        assert r["bias_dtypes"] in ([], ["torch.float32"]), r["bias_dtypes"]  # Megatron-LM #1482
+        for a, b in zip(r["steps"], reference["steps"]):
+            worst = max(worst, F.rel(a["loss"], b["loss"]), F.rel(a["mtp"], b["mtp"]))
+    full = res[0]["full"]
+    bias = [k for k in full if k.endswith("expert_bias")]
+    assert bias and all(full[k].dtype.is_floating_point and str(full[k].dtype) == "torch.float32" for k in bias)
+    print(f"FIDELITY {name}: bf16-vs-fp32 loss rel={worst:.2e}")
+    assert worst <= TOL_BF16_LOSS
