@@ -1,7 +1,7 @@
 """Benchmark ling-convert: throughput vs a plain copy of the same bytes, and peak memory.
 
 Builds a synthetic HF checkpoint at Ling-mini-2.0 widths (hidden 2048, 256 experts of 512,
-vocab 157,184) with fewer layers (default: 1 dense + 1 MoE layer + the MTP layer, ~4.6 GB bf16),
+vocab 157,184) with fewer layers (default: 1 dense + 1 MoE layer, ~3.0 GB bf16; --mtp 1 adds the MTP layer),
 then times, each in a fresh subprocess (peak RSS from wait4):
 
   from-hf   HF dir -> torch_dist checkpoint
@@ -72,7 +72,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="/tmp/ling_convert_bench")
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--mtp", type=int, default=1)
+    ap.add_argument("--mtp", type=int, default=0)
     ap.add_argument("--keep", action="store_true")
     a = ap.parse_args()
     shutil.rmtree(a.work, ignore_errors=True)

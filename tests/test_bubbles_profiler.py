@@ -28,10 +28,6 @@ CFG = get_preset("ling-tiny", vocab_size=8192, hidden_size=128, intermediate_siz
                  num_hidden_layers=6)
 M2, M4 = 4, 8  # micro batches for the PP=2 and PP=4 runs
 TOL = 0.10
-# Timing runs raise their priority where allowed (root in CI containers): on a machine shared with
-# other jobs, pipeline ranks that lose their cores to neighbours measure the neighbours, not the
-# schedule. Without the privilege this is a no-op.
-NICE = -10
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +39,7 @@ def runs(tmp_path_factory):
     sets = [f"{k}={getattr(CFG, k)}" for k in ("vocab_size", "hidden_size", "intermediate_size",
                                                 "moe_intermediate_size", "num_hidden_layers")]
     p = subprocess.run([sys.executable, "-m", "megatron_ling.profiling.plan_cli", "calibrate", "--preset", "ling-tiny",
-                        "--set", *sets, "--seq-length", str(SEQ), "--mbs", str(MBS), "--reps", "7", "--nice", str(NICE),
+                        "--set", *sets, "--seq-length", str(SEQ), "--mbs", str(MBS), "--reps", "7",
                         "--out", str(d / "cal.json")], capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-2000:]
     assert all(f"{k}: fwd" in p.stdout for k in ("E", "D", "M", "MTP_T", "MTP_L", "L"))
@@ -53,12 +49,10 @@ def runs(tmp_path_factory):
     plan4 = plan(CFG, 4, 1, M4, opts, calibration=cal)
     every2 = [counts_to_layout(c, 1) for c in all_layouts(CFG, 2)]
     inter = "Ett|tt|t|tmL"  # PP=2 VPP=2
-    r2 = measure_layouts(CFG, 2, every2 + [inter], SEQ, MBS, M2, str(d / "pp2"), steps=4, timeout_s=400,
-                        niceness=NICE)
+    r2 = measure_layouts(CFG, 2, every2 + [inter], SEQ, MBS, M2, str(d / "pp2"), steps=4, timeout_s=400)
     uni4 = counts_to_layout(even_counts(CFG.num_hidden_layers, 4), 1)
     lay4 = [uni4] + ([plan4.best.layout] if plan4.best.layout != uni4 else [])
-    r4 = measure_layouts(CFG, 4, lay4, SEQ, MBS, M4, str(d / "pp4"), steps=4, timeout_s=400,
-                        niceness=NICE)
+    r4 = measure_layouts(CFG, 4, lay4, SEQ, MBS, M4, str(d / "pp4"), steps=4, timeout_s=400)
     return dict(dir=d, cal=cal, plan2=plan2, plan4=plan4, pp2={r["layout"]: r for r in r2[:-1]},
                 inter=r2[-1], pp4={r["layout"]: r for r in r4}, uni4=uni4)
 
@@ -109,9 +103,11 @@ def test_measured_bubbles_match_simulator(runs, which):
 def test_planner_beats_uniform_and_is_near_best(runs):
     """PP=2 (one core per rank on a 2-core CI machine): the planned layout (unit-calibrated cost
     model) is measured faster than the uniform split and within 10% of the fastest of all 7 valid
-    layouts. Measured = fastest of the recorded iterations, layouts stepped round-robin. If load
-    from other jobs blurs the first measurement, the three layouts concerned are measured once
-    more (6 steps) before judging.
+    layouts. Measured = fastest of the recorded iterations (the least disturbed one), layouts
+    stepped round-robin. If load from other jobs blurs the measurement (two busy ranks on a loaded
+    2-core machine barely run in parallel, which erases the differences between layouts), the
+    three layouts concerned are measured again (6 steps, up to 3 rounds, keeping each one's
+    fastest iteration) before judging.
 
     PP=4 is printed, not judged: 4 ranks on 2 cores cannot run their stages in parallel, so every
     layout costs about the same total CPU time there."""
@@ -122,10 +118,11 @@ def test_planner_beats_uniform_and_is_near_best(runs):
     t = {k: v["iteration_s"] for k, v in pp2.items()}
     best = min(t, key=t.get)
     print("\nPP=2 measured ms: " + ", ".join(f"{k}: {v * 1e3:.1f}" for k, v in t.items()))
-    ok = t[planned] < t[uniform] and t[planned] <= 1.10 * t[best]
-    if not ok:
-        again = measure_layouts(CFG, 2, sorted({planned, uniform, best}), SEQ, MBS, M2, str(runs["dir"] / "pp2_again"),
-                                steps=6, timeout_s=300, niceness=NICE)
+    for attempt in range(3):
+        if t[planned] < t[uniform] and t[planned] <= 1.10 * t[best]:
+            break
+        again = measure_layouts(CFG, 2, sorted({planned, uniform, best}), SEQ, MBS, M2,
+                                str(runs["dir"] / f"pp2_again{attempt}"), steps=6, timeout_s=300)
         for r in again:
             t[r["layout"]] = min(t[r["layout"]], r["iteration_s"])
         print("re-measured: " + ", ".join(f"{r['layout']}: {r['iteration_s'] * 1e3:.1f}" for r in again))

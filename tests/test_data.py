@@ -73,6 +73,21 @@ def prefix(tmp_path_factory, cache, docs, tok):
     return run_preprocess(cache, write_jsonl(d / "docs.jsonl", docs), d / "docs")
 
 
+# ------------------------------------------------------------------------------------ corpus
+def test_builtin_corpus_is_deterministic_real_text(tmp_path):
+    from megatron_ling.data.corpus import MAX_DOC_CHARS, write_corpus
+
+    a = write_corpus(str(tmp_path / "a.jsonl"), 1_000_000)
+    b = write_corpus(str(tmp_path / "b.jsonl"), 1_000_000)
+    assert a.sha256 == b.sha256 and a.num_documents == b.num_documents > 100
+    assert 1_000_000 <= a.num_bytes < 1_000_000 + MAX_DOC_CHARS * 4
+    rows = [json.loads(l) for l in open(a.path)]
+    sizes = sorted(len(r["text"]) for r in rows)
+    assert sizes[-1] <= MAX_DOC_CHARS and sizes[len(sizes) // 2] > 1000  # documents of sensible size
+    assert any("def " in r["text"] for r in rows) and any('"""' in r["text"] for r in rows)
+    assert len({r["source"] for r in rows}) == len(rows) and sorted(os.listdir(tmp_path)) == ["a.jsonl", "b.jsonl"]
+
+
 # ------------------------------------------------------------------------------------ tokenizer
 def test_builtin_tokenizer_roundtrip_eod_is_pad(tok, cache, tmp_path):
     assert tok.vocab_size == BUILTIN_VOCAB_SIZE == 2048

@@ -11,7 +11,8 @@ Ranks are forked by megatron_ling.testing (gloo, 60 s process-group timeout, har
 """
 import pytest
 
-from megatron_ling.testing import run_ranks
+from megatron_ling import compat
+from megatron_ling.testing import RankFailure, run_ranks
 from megatron_ling.testing import fidelity as F
 
 TOL_LOGITS = 1e-5
@@ -24,7 +25,7 @@ CASE_TIMEOUT_S = 150
 
 @pytest.fixture(scope="module")
 def reference():
-    return run_ranks(F.reference_run, 1, dict(scenario=SC), timeout_s=300)[0]
+    return F.reference(SC)
 
 
 def _layers(*per_rank):
@@ -62,13 +63,23 @@ LAYOUTS = [
      _layers([[]], [[1, 2]], [[3]], [[4]])),
     ("pp4_vpp2_layout_empty", 4, dict(pp=4, vpp=2, pipeline_layout="Et||t|||t|t|mL"), dict(pp=4),
      _layers([[1], []], [[], [3]], [[2], [4]], [[], []])),
-    ("tp2_ep2_etp2", 4, dict(tp=2, ep=2), dict(tp=2, dp=2, ep=2, etp=2), None),
+    ("tp2_ep2_etp2_allgather", 4, dict(tp=2, ep=2, moe_token_dispatcher="allgather"),
+     dict(tp=2, dp=2, ep=2, etp=2), None),
+    pytest.param("tp2_ep2_etp2_alltoall", 4, dict(tp=2, ep=2), dict(tp=2, dp=2, ep=2, etp=2), None,
+                 marks=pytest.mark.xfail(
+                     "gloo_uneven_all_gather" not in compat.PATCHES, strict=True, raises=RankFailure,
+                     reason="gloo all_gather needs equal sizes; the alltoall dispatcher with ETP>1 gathers "
+                            "uneven token counts over the expert-TP group (tensor_parallel/mappings.py:150); "
+                            "needs a compat patch"), id="tp2_ep2_etp2_alltoall"),
     ("tp2_pp2", 4, dict(tp=2, pp=2), dict(tp=2, pp=2, dp=1), None),
     ("dp2_ep2_pp2", 4, dict(pp=2, ep=2), dict(pp=2, dp=2, ep=2, tp=1), None),
 ]
 
 
-@pytest.mark.parametrize("name,world,parallel,groups,layers", LAYOUTS, ids=[c[0] for c in LAYOUTS])
+LAYOUTS = [c if hasattr(c, "marks") else pytest.param(*c, id=c[0]) for c in LAYOUTS]
+
+
+@pytest.mark.parametrize("name,world,parallel,groups,layers", LAYOUTS)
 def test_layout_matches_single_process(reference, name, world, parallel, groups, layers):
     res = run_ranks(F.layout_run, world, dict(scenario=SC, parallel=parallel, full0=reference["full0"]),
                     timeout_s=CASE_TIMEOUT_S)
@@ -105,7 +116,8 @@ def test_tp2_without_sp_forward_matches(reference):
 BF16 = [
     ("bf16_single", 1, dict(distributed_optimizer=False)),
     ("bf16_dp2_distopt", 2, dict(distributed_optimizer=True)),
-    ("bf16_tp2_ep2", 4, dict(tp=2, ep=2)),
+    ("bf16_tp2_ep2", 4, dict(tp=2, ep=2, moe_token_dispatcher="allgather")),
+    ("bf16_ep2_alltoall", 2, dict(ep=2)),
     ("bf16_pp2_vpp2", 2, dict(pp=2, vpp=2)),
 ]
 

@@ -19,7 +19,7 @@ TOL_LOGITS = 1e-5
 
 @pytest.fixture(scope="module")
 def reference():
-    return run_ranks(F.reference_run, 1, dict(scenario=SC), timeout_s=300)[0]
+    return F.reference(SC)
 
 
 def _save(reference, world, parallel, ckpt_dir):

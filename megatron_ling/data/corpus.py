@@ -2,8 +2,9 @@
 
 Source: the Python standard library's own ``.py`` sources (code, comments, docstrings) and its
 LICENSE, found through ``sysconfig``. No download, no bundled data. Files are visited in sorted
-order and cut at top-level ``def``/``class`` boundaries into documents of ~0.2-4 KB, so the corpus
-is deterministic for a given Python installation (its identity is recorded as a sha256).
+order, cut at top-level ``def``/``class`` boundaries into documents of ~0.2-4 KB, and the
+documents put in a fixed hashed order, so the corpus is deterministic for a given Python
+installation (its identity is recorded as a sha256 in the quick-start manifest).
 
 Why this text: it is natural (written by people), plentiful (~15 MB in CPython 3.11), and highly
 regular, so a tiny model learns it quickly, which is what a quick start needs to show.
@@ -57,7 +58,7 @@ def _source_files(root: str) -> list[str]:
 
 
 def _split_documents(text: str) -> list[str]:
-    """Cut one file into documents at top-level def/class (or blank-line) boundaries.
+    """Cut one file into documents at top-level def/class boundaries.
 
     Pieces are greedily merged up to MAX_DOC_CHARS; a single over-long piece is cut at line
     boundaries. Fragments shorter than MIN_DOC_CHARS are merged into their neighbour.

@@ -13,7 +13,6 @@ against reality, and how ``ling-plan calibrate`` / ``ling-plan measure`` work.
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import statistics
@@ -23,7 +22,6 @@ from typing import Optional
 
 import torch
 
-from megatron_ling.errors import LingConfigError
 from megatron_ling.models.config import LingConfig
 from megatron_ling.profiling.costmodel import Calibration, CostModel, CostOptions
 
@@ -303,13 +301,3 @@ def measure_layouts(ling: LingConfig, pp: int, layouts: list, seq_length: int, m
         res.append({"layout": lay, "run_dir": os.path.join(out_dir, str(i)), "iteration_s": min(spans),
                     "median_s": statistics.median(spans), "iterations_s": spans})
     return res
-
-
-def save_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-__all__ = ["calibrate", "measure_layouts", "launch_local", "make_microbatches", "LingConfigError"]

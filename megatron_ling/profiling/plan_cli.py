@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     mea.add_argument("--steps", type=int, default=3)
     mea.add_argument("--out", required=True)
     mea.add_argument("--timeout", type=float, default=600.0)
+    mea.add_argument("--force", action="store_true", help="reuse a non-empty --out folder")
     mea.add_argument("--nice", type=int, default=None, help="renice the ranks (e.g. -10; needs privilege)")
     return p
 
@@ -166,13 +167,18 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_measure(args) -> int:
+    import os
+
     from megatron_ling.profiling.driver import measure_layouts
 
     cfg = _model(args)
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.force:
+        raise LingConfigError(f"--out: {args.out} is not empty; pass --force to overwrite its profiles")
     res = measure_layouts(cfg, args.pp, args.layouts, args.seq_length, args.mbs, args.micro_batches, args.out,
                           steps=args.steps, timeout_s=args.timeout, niceness=args.nice)
     for r in res:
-        print(f"{r['layout']:<40} median iteration {r['iteration_s'] * 1e3:8.1f} ms   profiles: {r['run_dir']}")
+        print(f"{r['layout']:<40} fastest iteration {r['iteration_s'] * 1e3:8.1f} ms (median {r['median_s'] * 1e3:.1f})"
+              f"   profiles: {r['run_dir']}")
     return 0
 
 

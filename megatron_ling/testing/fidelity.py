@@ -136,24 +136,11 @@ def _train(bundle, optimizer, sc: Scenario, vocab: int, start: int = 0, steps: O
     from megatron_ling.training.step import train_step
 
     out = []
-    _TMP_presize(bundle)
     for s in range(start, start + (sc.steps if steps is None else steps)):
         r = train_step(bundle, optimizer, dp_share(global_batch(sc, s, vocab)), sc.seq_length, sc.micro_batch_size)
         out.append(dict(loss=r.lm_loss, grad_norm=r.grad_norm, mtp=r.extra.get("mtp_1_loss"),
                         tokens=r.num_tokens, ok=r.update_successful))
     return out
-
-
-def _TMP_presize(bundle):  # TEMPORARY workaround for step.aux_losses tracker size (reported to lead)
-    import os
-    if not os.environ.get("LING_TMP_PRESIZE"):
-        return
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-    cfg = bundle.tf_config
-    t = get_moe_layer_wise_logging_tracker()
-    if "z_loss" not in t:
-        t["z_loss"] = dict(values=torch.zeros(cfg.num_layers + (cfg.mtp_num_layers or 0)), reduce_group=None,
-                           avg_group=None, reduce_group_has_dp=False)
 
 
 def build(sc: Scenario, parallel: dict, full: Optional[dict] = None, world: Optional[int] = None,
@@ -188,6 +175,19 @@ def reference_run(ctx, scenario: Scenario) -> dict:
     steps = _train(bundle, optimizer, sc, vocab)
     return dict(full0=full0, logits0=logits0, steps=steps, logits=eval_logits(bundle, sc, vocab),
                 full=gather_full_state_dict(bundle.chunks), bias_dtypes=_bias_dtypes(bundle))
+
+
+_REFERENCES: dict = {}
+
+
+def reference(scenario: Scenario, timeout_s: float = 300) -> dict:
+    """The single-process run of ``scenario`` (computed once per calling process, in a forked rank)."""
+    from megatron_ling.testing.harness import run_ranks
+
+    key = scenario.key()
+    if key not in _REFERENCES:
+        _REFERENCES[key] = run_ranks(reference_run, 1, dict(scenario=scenario), timeout_s=timeout_s)[0]
+    return _REFERENCES[key]
 
 
 def layout_run(ctx, scenario: Scenario, parallel: dict, full0: dict, validate: bool = True,

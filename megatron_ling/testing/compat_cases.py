@@ -1,0 +1,40 @@
+"""Rank functions for tests/test_compat.py: minimal real scenarios that show what each
+``megatron_ling.compat`` patch prevents (run with the patch left out via the harness's
+``compat_exclude``, in forked ranks -- patches are process-global)."""
+from __future__ import annotations
+
+import os
+import sys
+
+from megatron_ling.testing import fidelity as F
+
+REEXEC_SCRIPT = """# stands for a training script without an `if __name__ == "__main__":` guard
+import os
+open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "reexecuted_" + str(os.getpid())), "w").close()
+"""
+
+
+def checkpoint_from_unguarded_script(ctx, scenario: F.Scenario, ckpt_dir: str, script_dir: str) -> list:
+    """Save a torch_dist checkpoint from a process whose ``__main__`` is a script without a main
+    guard; return the files that script left behind, one per time it was executed again."""
+    from megatron_ling.training.checkpoint import save_checkpoint
+
+    script = os.path.join(script_dir, "train_unguarded.py")
+    if ctx.rank == 0:
+        with open(script, "w") as f:
+            f.write(REEXEC_SCRIPT)
+    import torch
+
+    torch.distributed.barrier()
+    sys.modules["__main__"].__file__ = script  # what `python train_unguarded.py` would have
+    bundle, optimizer, par = F.build(scenario, dict(distributed_optimizer=False))
+    save_checkpoint(bundle, optimizer, None, ckpt_dir, 1, consumed_samples=0)
+    torch.distributed.barrier()
+    return sorted(f for f in os.listdir(script_dir) if f.startswith("reexecuted_"))
+
+
+def build_only(ctx, scenario: F.Scenario, parallel: dict) -> str:
+    """Build the layout's model without megatron-ling's layout validation (to show what
+    megatron-core itself does with it)."""
+    bundle, _, _ = F.build(scenario, parallel, validate=False)
+    return type(bundle.chunks[0]).__name__

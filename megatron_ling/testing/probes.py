@@ -1,0 +1,59 @@
+"""Small rank functions for the harness's own tests and the weight-mapping tests."""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from megatron_ling.testing import fidelity as F
+
+
+def allreduce_rank(ctx) -> float:
+    t = torch.tensor([ctx.rank + 1.0])
+    torch.distributed.all_reduce(t)
+    return t.item()
+
+
+def fail_on_rank(ctx, bad_rank: int = 1) -> int:
+    """``bad_rank`` raises; the others wait for it in a collective (until the harness kills them)."""
+    if ctx.rank == bad_rank:
+        raise ValueError(f"rank {ctx.rank} fails on purpose")
+    torch.distributed.barrier()
+    return ctx.rank
+
+
+def hang_on_rank(ctx, bad_rank: int = 0) -> int:
+    if ctx.rank == bad_rank:
+        time.sleep(3600)
+    return ctx.rank
+
+
+def collective_without_peer(ctx) -> int:
+    """Rank 0 waits in an all-reduce that rank 1 never joins: the process-group timeout fires."""
+    if ctx.rank == 0:
+        torch.distributed.all_reduce(torch.ones(1))
+        return 0
+    time.sleep(3600)
+    return 1
+
+
+def exit_hard(ctx) -> int:
+    if ctx.rank == 1:
+        os._exit(3)
+    return ctx.rank
+
+
+def weights_roundtrip(ctx, scenario: F.Scenario, parallel: dict, full: dict) -> dict:
+    """Load ``full`` into the layout and gather it back (no training)."""
+    from megatron_ling.parallel.weights import canonical_names, gather_full_state_dict, unwrap
+
+    bundle, _, _ = F.build(scenario, parallel, full)
+    back = gather_full_state_dict(bundle.chunks, dst=0)
+    local = sorted(v for c in bundle.chunks for v in canonical_names(unwrap(c)).values())
+    return dict(full=back, local_names=local)
+
+
+def load_mismatched(ctx, scenario: F.Scenario, parallel: dict, full: dict) -> None:
+    """Load a full state dict of another model shape: must raise WeightMappingError."""
+    F.build(scenario, parallel, full)

@@ -1,0 +1,98 @@
+"""Known megatron-core 0.16.1 traps become one-line errors (or safe defaults) before any process
+group starts -- and each trap is shown to be real: built without megatron-ling's checks, the layout
+hangs, crashes obscurely, or silently trains a broken model."""
+import pytest
+
+from megatron_ling.errors import LingConfigError
+from megatron_ling.parallel.config import ParallelConfig
+from megatron_ling.parallel.layout import check_layout
+from megatron_ling.testing import RankFailure, RankTimeout, run_ranks
+from megatron_ling.testing import compat_cases as C
+from megatron_ling.testing import fidelity as F
+from megatron_ling.training.recipe import recipe_from_dict
+
+SC = F.Scenario(steps=1)
+
+
+def _recipe(parallel: dict):
+    return recipe_from_dict(dict(model=dict(preset="ling-tiny"), parallel=parallel,
+                                 training=dict(global_batch_size=8, micro_batch_size=1, seq_length=32)))
+
+
+def _one_line(e) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+# ------------------------------------------------------------- MTP on a non-last pipeline stage
+MTP_OFF_LAST = "Ett|tt|m|L"  # pp=2, vpp=2: the MTP layer on rank 0's second virtual stage
+
+
+def test_mtp_on_non_last_stage_is_refused():
+    with pytest.raises(LingConfigError, match=r"parallel.pipeline_layout: MTP must be in the last stage") as e:
+        check_layout(MTP_OFF_LAST, pp=2, num_layers=4, mtp_layers=1, vpp=2)
+    _one_line(e)
+    with pytest.raises(LingConfigError, match="MTP must be in the last stage"):
+        _recipe(dict(pp=2, vpp=2, pipeline_layout=MTP_OFF_LAST)).validate(world_size=2)
+    # the fix the message suggests is accepted
+    _recipe(dict(pp=2, vpp=2, pipeline_layout="Ett|t||tmL")).validate(world_size=2)
+
+
+def test_mtp_on_non_last_stage_really_hangs_in_megatron_core():
+    ref = F.reference(SC)
+    with pytest.raises(RankTimeout) as e:  # a normal PP2+VPP2 step takes ~1 s here
+        run_ranks(F.layout_run, 2, dict(scenario=SC, parallel=dict(pp=2, vpp=2, pipeline_layout=MTP_OFF_LAST),
+                                        full0=ref["full0"], validate=False), timeout_s=15)
+    assert "pipeline_parallel/schedules.py" in str(e.value)  # the stack dumps show the schedule stuck
+
+
+# ----------------------------------------------- VPP with both first/last stage counts at PP=2
+VPP_FIRST_LAST = dict(pp=2, vpp=2, num_layers_in_first_pipeline_stage=2, num_layers_in_last_pipeline_stage=2)
+
+
+def test_vpp_first_and_last_counts_at_pp2_are_refused():
+    with pytest.raises(LingConfigError, match="use a layout string|pipeline_layout string") as e:
+        ParallelConfig(**VPP_FIRST_LAST).validate(2)
+    _one_line(e)
+    with pytest.raises(LingConfigError, match="pipeline_layout"):
+        _recipe(VPP_FIRST_LAST).validate(world_size=2)
+
+
+def test_vpp_first_and_last_counts_at_pp2_crash_megatron_core():
+    with pytest.raises(RankFailure, match="ZeroDivisionError"):
+        run_ranks(C.build_only, 2, dict(scenario=SC, parallel=VPP_FIRST_LAST), timeout_s=60, grace_s=3)
+
+
+# ---------------------------------------------------------------- TP>1 with EP=1 and ETP=1
+def test_tp_with_ep1_etp1_is_refused_and_etp_defaults_to_tp():
+    with pytest.raises(LingConfigError, match=r"parallel.etp: .*never reduces expert gradients") as e:
+        ParallelConfig(tp=2, ep=1, etp=1).validate(2)
+    _one_line(e)
+    assert ParallelConfig(tp=2).expert_tp == 2  # the default is safe
+    ParallelConfig(tp=2, ep=2, etp=1).validate(2)  # ETP=1 is fine once experts are EP-sharded
+
+
+def test_tp_with_ep1_etp1_silently_diverges_in_megatron_core():
+    """Built anyway, the TP ranks' replicated experts get different gradients that are never
+    all-reduced: after one step the replicas differ (caught when gathering the weights)."""
+    ref = F.reference(SC)
+    with pytest.raises(RankFailure, match=r"ReplicaMismatch: decoder\.layers\.\d+\.mlp\.experts"):
+        run_ranks(F.layout_run, 2, dict(scenario=SC, parallel=dict(tp=2, etp=1), full0=ref["full0"],
+                                        validate=False), timeout_s=90, grace_s=3)
+
+
+# ------------------------------------------------------------------- MoE + TP without SP
+def test_moe_tp_without_sp_is_refused_and_sp_defaults_on():
+    with pytest.raises(LingConfigError, match=r"parallel.sp: MoE training with tp=2 requires sequence") as e:
+        ParallelConfig(tp=2, sp=False).validate(2)
+    _one_line(e)
+    assert ParallelConfig(tp=2).sequence_parallel is True
+    assert ParallelConfig(tp=1).sequence_parallel is False
+
+
+def test_moe_tp_without_sp_fails_at_the_first_step_in_megatron_core():
+    ref = F.reference(SC)
+    with pytest.raises(RankFailure, match="MoE and tensor parallelism"):
+        run_ranks(F.layout_run, 2, dict(scenario=SC, parallel=dict(tp=2, sp=False), full0=ref["full0"],
+                                        validate=False), timeout_s=90, grace_s=3)
