@@ -30,6 +30,9 @@ setup(
         "tokenizers>=0.15",
         "tqdm",
         "packaging",
+        # megatron-core's torch_dist writer needs it (filesystem_async.py _process_memory) but does
+        # not declare it; without it every checkpoint save fails inside the writer process.
+        "psutil",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "nvidia-modelopt"],

@@ -42,8 +42,8 @@ def build_hf(out: str, layers: int, mtp: int) -> tuple[int, int]:
     os.makedirs(out, exist_ok=True)
     w = ShardedSafetensorsWriter(out, plan, 2 * 1024 ** 3)
     g = torch.Generator().manual_seed(0)
-    for name, shape, dt in plan:
-        w.write(name, (torch.randn(shape, generator=g) * 0.02).to(dt))
+    for name, shape, dt in plan:  # uniform: ~5x faster to draw than normal, same bytes
+        w.write(name, torch.empty(shape, dtype=dt).uniform_(-0.03, 0.03, generator=g))
     w.close()
     cfg.save_hf_config(os.path.join(out, "config.json"))
     return w.total_bytes, max(per_unit.values())
@@ -74,12 +74,21 @@ def main():
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--mtp", type=int, default=0)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--build-only", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.build_only:
+        sizes = build_hf(a.build_only, a.layers, a.mtp)
+        json.dump(sizes, open(os.path.join(a.build_only, "bench_sizes.json"), "w"))
+        return
     shutil.rmtree(a.work, ignore_errors=True)
     os.makedirs(a.work)
     hf, ck, hf2 = (os.path.join(a.work, x) for x in ("hf", "ckpt", "hf_out"))
+    # built in a child process: a forked child's ru_maxrss counts the parent's pages, so the
+    # parent stays small for the RSS of the timed runs to be theirs alone
     t = time.perf_counter()
-    total, largest = build_hf(hf, a.layers, a.mtp)
+    subprocess.run([sys.executable, __file__, "--build-only", hf, "--layers", str(a.layers), "--mtp", str(a.mtp)],
+                   check=True)
+    total, largest = json.load(open(os.path.join(hf, "bench_sizes.json")))
     print(f"synthetic HF checkpoint: {total / 1e9:.2f} GB, largest layer {largest / 1e9:.2f} GB "
           f"(built in {time.perf_counter() - t:.0f} s)", flush=True)
     py = [sys.executable, "-m", "megatron_ling.convert.cli"]

@@ -12,6 +12,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -143,6 +145,31 @@ def test_from_hf_matches_reference_at_two_layouts(ckpts, work):
     md_meg = pickle.load(open(os.path.join(ckpts["ep2"], "iter_0000010", ".metadata"), "rb")).state_dict_metadata
     assert set(md_imp) == set(md_meg)
     assert all(getattr(md_imp[k], "size", None) == getattr(md_meg[k], "size", None) for k in md_imp)
+
+
+@pytest.mark.slow
+def test_trainer_checkpoint_with_optimizer_state(work):
+    """A real `ling-train` checkpoint (quickstart recipe: TP2 x EP2, ETP1, SP, distributed optimizer
+    state in the checkpoint), trained a few steps so expert_bias has moved off zero."""
+    run = str(work / "train_run")
+    cmd = [sys.executable, "-m", "megatron_ling.training.cli", "--nproc-per-node", "2", "--config", "quickstart",
+           f"run_dir={run}", "training.train_iters=3", "training.seq_length=32", "training.micro_batch_size=2",
+           "training.global_batch_size=4", "lr.warmup_iters=1", "checkpoint.interval=3", "logging.log_interval=1"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    ckpt = os.path.join(run, "checkpoints")
+    from megatron_ling.convert.torch_dist import TorchDistReader
+
+    assert any(k.startswith("optimizer.") for k in TorchDistReader(ckpt).tensors)
+    out = str(work / "hf_trained")
+    to_hf(ckpt, out, dtype="fp32", show_progress=False)
+    sd = load_dir(out)
+    bias = sd["model.layers.1.mlp.gate.expert_bias"]
+    assert bias.dtype == torch.float32 and bias.abs().max() > 0
+    res = verify(ckpt, out, isolate=True)
+    assert res["max_abs_diff"] <= TOL, res
 
 
 # ------------------------------------------------------------------------------ round trip

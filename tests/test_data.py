@@ -359,7 +359,7 @@ def test_two_rank_build_with_quickstart(tmp_path, cache):
     assert r0["digest"] == r1["digest"] and r0["len"] == r1["len"] and r0["len"][0] >= 64 and r0["test"]
     assert r0["first"] != r1["first"]  # different DP ranks, different samples
     assert r0["resolved"] == r1["resolved"] and os.path.isfile(r0["resolved"][0] + ".bin")
-    caches = os.listdir(cache / "index-cache")
+    caches = [f for _, _, fs in os.walk(cache / "index-cache") for f in fs]  # keyed by dataset identity
     assert any("LingGPTDataset-train" in c for c in caches)
     # The quick start is cached: a later call (e.g. before the next launch) only reads a manifest.
     t = time.time()

@@ -141,15 +141,15 @@ def from_hf(hf_dir: str, out_dir: str, dtype: str = "auto", mtp: str = "keep", f
                     tp.read += b
                     bar.update(b)
                     ts.append(t)
-                m = N.role_from_hf(cfg, role, ts)
+                out_dtype = torch.float32 if role == "expert_bias" else ts[0].dtype
+                writer.add_chunks(N.megatron_key(unit, role, mtp_inner), N.megatron_shape(cfg, role), out_dtype,
+                                  N.role_chunks_from_hf(cfg, role, ts))
                 del ts
-                writer.add(N.megatron_key(unit, role, mtp_inner), m, expert_axis=role.startswith("experts"))
                 count += 1
                 for k in _extra_state_keys(cfg, unit, role, mtp_inner):
                     writer.add_object(k, None)
                 if unit not in ("embed", "final") and unit[0] == "mtp" and role == "eh_proj":
                     writer.add_object(f"mtp.layers.{unit[1]}.eh_proj._extra_state/shard_0_1", None)
-                del m
         bar.close()
         reader.close()
         common = {"ling_config": cfg.to_hf_dict(), "iteration": 0, "model_only": True,

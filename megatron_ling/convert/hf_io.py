@@ -177,17 +177,24 @@ class HFReader:
                                   f"pass a directory with safetensors weights")
         files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
         self.meta: dict[str, tuple[str, list, torch.dtype]] = {}
+        self._where: dict[str, tuple[int, int]] = {}
         for fn in files:
             p = os.path.join(hf_dir, fn)
             if not os.path.exists(p):
                 raise LingConfigError(f"hf: shard {p} named in {INDEX} is missing; download it again")
-            header, _ = _read_header(p)
+            header, start = _read_header(p)
             for name, v in header.items():
                 if name == "__metadata__":
                     continue
                 if v["dtype"] not in _ST_DTYPE_INV:
                     raise LingConfigError(f"hf: tensor {name} in {fn} has unsupported dtype {v['dtype']}")
-                self.meta[name] = (fn, v["shape"], _ST_DTYPE_INV[v["dtype"]])
+                dt = _ST_DTYPE_INV[v["dtype"]]
+                b, e = v["data_offsets"]
+                if e - b != nbytes(v["shape"], dt):
+                    raise LingConfigError(f"hf: tensor {name} in {fn} has {e - b} bytes for shape {v['shape']} "
+                                          f"{v['dtype']}; the shard is corrupt")
+                self.meta[name] = (fn, v["shape"], dt)
+                self._where[name] = (start + b, e - b)
         if weight_map:
             missing = [k for k, fn in weight_map.items() if k not in self.meta or self.meta[k][0] != fn]
             if missing:
@@ -196,12 +203,23 @@ class HFReader:
         self._handles: dict = {}
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        fn = self.meta[name][0]
+        """One tensor, read with pread (not mmap: mapped shard pages would count as resident
+        memory for as long as the shard is open)."""
+        fn, shape, dtype = self.meta[name]
         if fn not in self._handles:
-            self._handles[fn] = safe_open(os.path.join(self.dir, fn), framework="pt")
-        return self._handles[fn].get_tensor(name)
+            self._handles[fn] = os.open(os.path.join(self.dir, fn), os.O_RDONLY)
+        off, n = self._where[name]
+        buf = bytearray(n)
+        mv = memoryview(buf)
+        got = 0
+        while got < n:
+            k = os.preadv(self._handles[fn], [mv[got:]], off + got)
+            if k <= 0:
+                raise LingConfigError(f"hf: {fn} ended while reading {name}; the shard is truncated")
+            got += k
+        if n == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
 
     def get_weight(self, name: str, dtype: torch.dtype | None) -> torch.Tensor:
         """A weight, dequantized when the checkpoint stores it as FP8 with a ``_scale_inv``."""
@@ -214,4 +232,6 @@ class HFReader:
         return t if dtype is None else t.to(dtype)
 
     def close(self):
+        for fd in self._handles.values():
+            os.close(fd)
         self._handles.clear()

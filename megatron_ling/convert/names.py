@@ -226,14 +226,31 @@ def role_to_hf(cfg: LingConfig, role: str, t: torch.Tensor) -> list[torch.Tensor
     return [t]
 
 
-def role_from_hf(cfg: LingConfig, role: str, ts: list[torch.Tensor]) -> torch.Tensor:
-    """Inverse of ``role_to_hf``."""
+def role_chunks_from_hf(cfg: LingConfig, role: str, ts: list[torch.Tensor]):
+    """``role_from_hf`` as (offsets, tensor) chunks of the global Megatron tensor, without
+    concatenating: [gate; up] halves become two chunks (as megatron itself saves SwiGLU fc1), each
+    expert its own chunk(s) on the expert axis."""
+    if role in ("fc1", "shared_fc1"):
+        return [((0, 0), ts[0]), ((ts[0].shape[0], 0), ts[1])]
+    if role == "experts_fc1":
+        f = ts[0].shape[0]
+        return (((e // 2, (e % 2) * f, 0), t.unsqueeze(0)) for e, t in enumerate(ts))
+    if role == "experts_fc2":
+        return (((e, 0, 0), t.unsqueeze(0)) for e, t in enumerate(ts))
+    t = role_from_hf(cfg, role, ts)
+    return [((0,) * t.dim(), t)]
+
+
+def role_from_hf(cfg: LingConfig, role: str, ts: list[torch.Tensor], stack: bool = True):
+    """Inverse of ``role_to_hf``. For expert roles with ``stack=False``: the list of per-expert
+    Megatron tensors, made one at a time (the global ``[E, ...]`` tensor is never materialised)."""
     if role == "qkv":
         return qkv_hf_to_megatron(ts[0], cfg)
     if role in ("fc1", "shared_fc1"):
         return torch.cat(ts, 0)
     if role == "experts_fc1":
-        return torch.stack([torch.cat(ts[2 * e: 2 * e + 2], 0) for e in range(len(ts) // 2)])
+        experts = (torch.cat(ts[2 * e: 2 * e + 2], 0) for e in range(len(ts) // 2))
+        return torch.stack(list(experts)) if stack else experts
     if role == "experts_fc2":
-        return torch.stack(ts)
+        return torch.stack(ts) if stack else list(ts)
     return ts[0]

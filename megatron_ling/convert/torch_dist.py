@@ -144,6 +144,11 @@ class TorchDistReader:
             raise LingConfigError(f"checkpoint: tensor {key!r} is only partly saved ({covered} of "
                                   f"{dest.numel()} elements); the checkpoint is incomplete")
         try:
+            if len(items) == 1 and tuple(items[0].storage_offsets) == (0,) * len(sizes) and \
+                    not self.metadata.storage_data[items[0].storage_index].transform_descriptors:
+                t = self._load_chunk(items[0].storage_index)  # the common case: no copy
+                if tuple(t.shape) == sizes and (dtype is None or t.dtype == dtype):
+                    return t
             self._reader.read_data(LoadPlan(items), _Sink(dest, offsets)).wait()
         except LingConfigError:
             raise
@@ -151,6 +156,14 @@ class TorchDistReader:
             raise LingConfigError(f"checkpoint: cannot read tensor {key!r} ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''}); a data file is corrupt") from None
         return dest
+
+
+    def _load_chunk(self, index) -> torch.Tensor:
+        info = self.metadata.storage_data[index]
+        with open(os.path.join(self.path, info.relative_path), "rb") as f:
+            f.seek(info.offset)
+            buf = io.BytesIO(f.read(info.length))
+        return torch.load(buf, map_location="cpu", weights_only=True)
 
 
 class TorchDistWriter:
@@ -182,30 +195,61 @@ class TorchDistWriter:
         return self._f
 
     def _write_chunk(self, key: str, t: torch.Tensor, offsets: tuple[int, ...]):
+        from torch.utils.serialization import config as ser_config
+
         f = self._stream()
         start = f.tell()
         t = t.contiguous()
         if t.untyped_storage().nbytes() != t.numel() * t.element_size():
             t = t.clone()  # torch.save writes a view's whole storage: keep only this chunk's bytes
-        torch.save(t, f)
+        # zip CRC32 costs ~20% of the conversion time; torch.load does not need it, and .distcp
+        # truncation is caught by sizes against the metadata (TorchDistReader._check_files)
+        old = ser_config.save.compute_crc32
+        ser_config.save.compute_crc32 = False
+        try:
+            torch.save(t, f)
+        finally:
+            ser_config.save.compute_crc32 = old
         length = f.tell() - start
         self.bytes_written += length
         self.storage_data[MetadataIndex(key, torch.Size(offsets))] = _StorageInfo(self._rel, start, length)
 
-    def add(self, key: str, t: torch.Tensor, expert_axis: bool = False) -> None:
+    def add(self, key: str, t, expert_axis: bool = False) -> None:
+        """Write tensor ``t`` under ``key``. With ``expert_axis``, ``t`` may also be a list of the
+        per-expert tensors (never stacked in memory) of the global ``[E, ...]`` tensor."""
         if key in self.state_dict_metadata:
             raise ValueError(f"duplicate key {key}")
         chunks = []
         if expert_axis:
-            for e in range(t.shape[0]):
-                off = (e,) + (0,) * (t.dim() - 1)
-                self._write_chunk(key, t[e: e + 1], off)
-                chunks.append(ChunkStorageMetadata(torch.Size(off), torch.Size((1,) + tuple(t.shape[1:]))))
+            for e, x in enumerate(t):  # a tensor or an iterable of per-expert tensors, consumed lazily
+                x = x.unsqueeze(0)
+                off = (e,) + (0,) * (x.dim() - 1)
+                self._write_chunk(key, x, off)
+                chunks.append(ChunkStorageMetadata(torch.Size(off), x.shape))
+                dtype, shape = x.dtype, torch.Size((len(chunks),) + tuple(x.shape[1:]))
+            self.state_dict_metadata[key] = TensorStorageMetadata(TensorProperties(dtype=dtype), shape, chunks)
+            return
         else:
             off = (0,) * t.dim()
             self._write_chunk(key, t, off)
             chunks.append(ChunkStorageMetadata(torch.Size(off), t.shape))
         self.state_dict_metadata[key] = TensorStorageMetadata(TensorProperties(dtype=t.dtype), t.shape, chunks)
+
+    def add_chunks(self, key: str, shape, dtype: torch.dtype, chunks) -> None:
+        """Write the global tensor ``key`` of ``shape`` as the given (offsets, tensor) chunks
+        (consumed lazily; together they must tile the tensor exactly)."""
+        if key in self.state_dict_metadata:
+            raise ValueError(f"duplicate key {key}")
+        md, n = [], 0
+        for off, x in chunks:
+            if x.dtype != dtype:
+                raise ValueError(f"{key}: chunk dtype {x.dtype} != {dtype}")
+            self._write_chunk(key, x, off)
+            md.append(ChunkStorageMetadata(torch.Size(off), x.shape))
+            n += x.numel()
+        if n != torch.Size(shape).numel():
+            raise AssertionError(f"{key}: chunks cover {n} of {torch.Size(shape).numel()} elements")
+        self.state_dict_metadata[key] = TensorStorageMetadata(TensorProperties(dtype=dtype), torch.Size(shape), md)
 
     def add_object(self, key: str, obj) -> None:
         """A megatron ShardedObject (e.g. a module's ``_extra_state``): torch.save([obj]) bytes."""

@@ -224,6 +224,23 @@ def _check_sizes(seq_length: Any, num_samples: Any) -> list[int | None]:
     return list(num_samples)
 
 
+def _index_cache_dir(cfg: DataConfig, root: str) -> str:
+    """Index-cache folder keyed on the datasets' identity (size and mtime of every .bin/.idx).
+
+    megatron-core names cached sample/shuffle indices by a hash of the dataset *path* and sizes
+    (megatron/core/datasets/megatron_dataset.py build_low_level_dataset/description): a dataset
+    rewritten in place (e.g. the quick-start corpus after an upgrade) would reuse indices of the old
+    one and yield samples of the wrong length. stat() values agree across nodes of a shared FS."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for prefix in sorted(set(cfg.blend()[0] if cfg.blend() else [])):
+        for ext in (".bin", ".idx"):
+            st = os.stat(prefix + ext)
+            h.update(f"{os.path.abspath(prefix)}{ext}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return os.path.join(root, "index-cache", h.hexdigest()[:16])
+
+
 def gpt_dataset_config(cfg: DataConfig, tokenizer: Any, seq_length: int, **overrides: Any):
     """The megatron.core GPTDatasetConfig for ``cfg`` (exposed for tests and custom builders)."""
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
@@ -237,7 +254,7 @@ def gpt_dataset_config(cfg: DataConfig, tokenizer: Any, seq_length: int, **overr
         split=cfg.split,
         # Index caches: built by rank 0, loaded by the others (so: a shared filesystem). Mock data
         # is generated in memory; its indices (hundreds of MB) are not worth caching.
-        path_to_cache=None if cfg.mock else os.path.join(cfg.cache_dir or default_cache_dir(), "index-cache"),
+        path_to_cache=None if cfg.mock else _index_cache_dir(cfg, cfg.cache_dir or default_cache_dir()),
         tokenizer=tokenizer,
         reset_position_ids=cfg.reset_position_ids,
         reset_attention_mask=cfg.reset_attention_mask,

@@ -6,6 +6,5 @@ from megatron_ling.testing.harness import (  # noqa: F401
     RankFailure,
     RankTimeout,
     get_zygote,
-    run_local,
     run_ranks,
 )

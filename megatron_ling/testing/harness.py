@@ -26,9 +26,6 @@ Usage (functions must be importable by module path, so that the zygote can unpic
     from megatron_ling.testing import run_ranks
     results = run_ranks(my_module.case_fn, world=2, kwargs=dict(tp=2), timeout_s=120)
     # results[r] is what case_fn returned on rank r
-
-The same functions can also run under torchrun (``run_under_torchrun``) to check the harness
-itself does not change results.
 """
 from __future__ import annotations
 
@@ -482,13 +479,3 @@ def _collect(fn: Callable, world: int, out: dict, timeout_s: float) -> list:
                f"{tails[first][-3000:]}")
         raise RankFailure(msg, failures, tails)
     return [results[r][1] for r in range(world)]
-
-
-def run_local(fn: Callable, kwargs: Optional[dict] = None) -> Any:
-    """Run ``fn`` as one rank of an already-initialised job (torchrun, or a rank forked by this
-    harness): lets the same case functions run under torchrun, e.g. on a GPU node."""
-    import torch
-
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    return fn(RankContext(rank=rank, world=world, log_path=""), **(kwargs or {}))
