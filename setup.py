@@ -33,11 +33,11 @@ setup(
         # megatron-core's torch_dist writer needs it (filesystem_async.py _process_memory) but does
         # not declare it; without it every checkpoint save fails inside the writer process.
         "psutil",
+        "matplotlib",  # ling-bubbles timeline PNG
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "nvidia-modelopt"],
         "hf": ["transformers>=4.45"],
-        "plot": ["matplotlib"],
         "test": ["pytest", "pytest-timeout", "transformers>=4.45", "matplotlib"],
     },
     entry_points={
