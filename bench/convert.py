@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -49,15 +50,18 @@ def build_hf(out: str, layers: int, mtp: int) -> tuple[int, int]:
     return w.total_bytes, max(per_unit.values())
 
 
-def timed(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of a subprocess."""
+def timed(cmd: list[str]) -> tuple[float, int, float]:
+    """Wall seconds, peak RSS (bytes) of a subprocess, and the conversion time it reports itself
+    (without Python/torch start-up), or the wall time when it reports none."""
     t = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    out = p.stdout.read()
     _, status, ru = os.wait4(p.pid, 0)
     dt = time.perf_counter() - t
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}")
-    return dt, ru.ru_maxrss * 1024
+    m = re.search(r" in ([0-9.]+) s ", out)
+    return dt, ru.ru_maxrss * 1024, float(m.group(1)) if m else dt
 
 
 def dir_bytes(d: str) -> int:
@@ -65,7 +69,14 @@ def dir_bytes(d: str) -> int:
 
 
 def copy_cmd(src: str, dst: str) -> list[str]:
-    return [sys.executable, "-c", f"import shutil; shutil.copytree({src!r}, {dst!r})"]
+    """A durable plain copy (copytree, then fsync every file): the converters fsync their output
+    before the final rename too."""
+    code = (f"import os, shutil, time; t = time.perf_counter(); shutil.copytree({src!r}, {dst!r})\n"
+            f"for r, _, fs in os.walk({dst!r}):\n"
+            f"    for f in fs:\n"
+            f"        fd = os.open(os.path.join(r, f), os.O_RDONLY); os.fsync(fd); os.close(fd)\n"
+            f"print(f'copy in {{time.perf_counter() - t:.3f}} s ')")
+    return [sys.executable, "-c", code]
 
 
 def main():
@@ -94,20 +105,21 @@ def main():
     py = [sys.executable, "-m", "megatron_ling.convert.cli"]
     rows = []
     # warm the page cache identically for every run: each reads files just written/read
-    dt_c1, rss_c1 = timed(copy_cmd(hf, os.path.join(a.work, "copy_hf")))
-    dt_f, rss_f = timed(py + ["from-hf", hf, ck, "--no-progress"])
-    dt_c2, rss_c2 = timed(copy_cmd(ck, os.path.join(a.work, "copy_ckpt")))
-    dt_t, rss_t = timed(py + ["to-hf", ck, hf2, "--dtype", "bf16", "--no-progress"])
+    _, rss_c1, dt_c1 = timed(copy_cmd(hf, os.path.join(a.work, "copy_hf")))
+    wall_f, rss_f, dt_f = timed(py + ["from-hf", hf, ck, "--no-progress"])
+    _, rss_c2, dt_c2 = timed(copy_cmd(ck, os.path.join(a.work, "copy_ckpt")))
+    wall_t, rss_t, dt_t = timed(py + ["to-hf", ck, hf2, "--dtype", "bf16", "--no-progress"])
     b_hf, b_ck = dir_bytes(hf), dir_bytes(ck)
-    rows.append(("from-hf", b_hf, dt_f, rss_f, b_hf / dt_c1))
-    rows.append(("to-hf", b_ck, dt_t, rss_t, b_ck / dt_c2))
-    print(f"\n| step | bytes in | seconds | MB/s | copy MB/s (same bytes) | vs copy | peak RSS | RSS / largest layer |")
+    rows.append(("from-hf", b_hf, dt_f, wall_f, rss_f, b_hf / dt_c1))
+    rows.append(("to-hf", b_ck, dt_t, wall_t, rss_t, b_ck / dt_c2))
+    print("\n| step | bytes in | convert s (process wall s) | MB/s | durable copy MB/s (same bytes) | vs copy "
+          "| peak RSS | RSS / largest layer |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, b, dt, rss, copy_bps in rows:
-        print(f"| {name} | {b / 1e9:.2f} GB | {dt:.1f} | {b / 1e6 / dt:.0f} | {copy_bps / 1e6:.0f} | "
+    for name, b, dt, wall, rss, copy_bps in rows:
+        print(f"| {name} | {b / 1e9:.2f} GB | {dt:.1f} ({wall:.1f}) | {b / 1e6 / dt:.0f} | {copy_bps / 1e6:.0f} | "
               f"{b / dt / copy_bps:.2f}x | {rss / 1e9:.2f} GB | {rss / largest:.2f}x |")
     print(f"\n(copy runs: hf {dt_c1:.1f} s / {rss_c1 / 1e6:.0f} MB RSS, ckpt {dt_c2:.1f} s / {rss_c2 / 1e6:.0f} MB RSS; "
-          f"largest layer {largest / 1e9:.2f} GB; cores {os.cpu_count()})")
+          f"largest layer {largest / 1e9:.2f} GB; cores {os.cpu_count()}; load average {os.getloadavg()[0]:.1f})")
     with open(os.path.join(a.work, "result.json"), "w") as f:
         json.dump({"rows": rows, "largest_layer": largest}, f)
     if not a.keep:

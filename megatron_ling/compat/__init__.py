@@ -106,7 +106,7 @@ class _CudaToCpu(torch.overrides.TorchFunctionMode):
 _MODE = None
 
 
-@_patch("cuda_device", "cpu", "pipeline_parallel/schedules.py:596, optimizer/clip_grads.py:90, optimizer/optimizer.py:473",
+@_patch("cuda_device", "cpu", "optimizer/optimizer.py:907, pipeline_parallel/schedules.py:596, optimizer/clip_grads.py:90",
         "tensors created with a hard-coded device='cuda'")
 def _cuda_device():
     global _MODE
@@ -137,7 +137,7 @@ class _NoStream:
 _ONE_STREAM = _NoStream()
 
 
-@_patch("cuda_runtime", "cpu", "distributed/param_and_grad_buffer.py (torch.cuda.current_stream/Event), "
+@_patch("cuda_runtime", "cpu", "transformer/moe/router.py:169 (torch.cuda.current_device), distributed/param_and_grad_buffer.py (streams/events), "
         "tensor_parallel/random.py:41 (torch.cuda.current_device)",
         "CUDA streams, events and device queries called unconditionally")
 def _cuda_runtime():
@@ -360,3 +360,32 @@ def _router_gemm_name():
 
     if not hasattr(mu, "te_general_gemm"):
         mu.te_general_gemm = None
+
+
+@_patch("gloo_uneven_all_gather", "cpu", "tensor_parallel/mappings.py:150/185 (output/input_split_sizes)",
+        "gloo all_gather/reduce_scatter need equal sizes; the alltoall dispatcher with ETP>1 gathers and "
+        "reduce-scatters uneven token counts over the expert-TP group (NCCL handles them)")
+def _gloo_uneven_all_gather():
+    from megatron.core.tensor_parallel import mappings as mp
+
+    gather0, reduce_scatter0 = mp._gather_along_first_dim, mp._reduce_scatter_along_first_dim
+
+    def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather0(input_, group, output_split_sizes, use_global_buffer)
+        # pad every rank's part to the largest, gather equal sizes, cut the padding off again
+        padded = input_.new_zeros((max(output_split_sizes),) + tuple(input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        parts = [torch.empty_like(padded) for _ in range(group.size())]
+        torch.distributed.all_gather(parts, padded, group=group)
+        return torch.cat([p[:n] for p, n in zip(parts, output_split_sizes)])
+
+    def reduce_scatter(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter0(input_, group, input_split_sizes, use_global_buffer)
+        full = input_.contiguous().clone()
+        torch.distributed.all_reduce(full, group=group)
+        start = sum(input_split_sizes[: group.rank()])
+        return full[start: start + input_split_sizes[group.rank()]].contiguous()
+
+    mp._gather_along_first_dim, mp._reduce_scatter_along_first_dim = gather, reduce_scatter

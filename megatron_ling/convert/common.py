@@ -56,6 +56,9 @@ class Throughput:
         self.read = 0
         self.written = 0
 
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
     def summary(self, what: str) -> str:
         dt = max(time.perf_counter() - self.t0, 1e-9)
         return (f"{what}: read {self.read / 1e9:.3f} GB, wrote {self.written / 1e9:.3f} GB in {dt:.1f} s "

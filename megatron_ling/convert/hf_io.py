@@ -209,8 +209,8 @@ class HFReader:
         if fn not in self._handles:
             self._handles[fn] = os.open(os.path.join(self.dir, fn), os.O_RDONLY)
         off, n = self._where[name]
-        buf = bytearray(n)
-        mv = memoryview(buf)
+        out = torch.empty(n, dtype=torch.uint8)  # not bytearray: that zero-fills first
+        mv = memoryview(out.numpy()).cast("B")
         got = 0
         while got < n:
             k = os.preadv(self._handles[fn], [mv[got:]], off + got)
@@ -219,7 +219,7 @@ class HFReader:
             got += k
         if n == 0:
             return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
+        return out.view(dtype).reshape(shape)
 
     def get_weight(self, name: str, dtype: torch.dtype | None) -> torch.Tensor:
         """A weight, dequantized when the checkpoint stores it as FP8 with a ``_scale_inv``."""

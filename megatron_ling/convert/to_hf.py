@@ -180,4 +180,4 @@ def to_hf(ckpt_dir: str, out_dir: str, dtype: str = "bf16", mtp: str = "keep", s
             json.dump(hf_cfg, f, indent=2, sort_keys=True)
             f.write("\n")
     s = tp.summary(f"to-hf {reader.path} -> {out_dir}")
-    return ToHFResult(os.path.abspath(out_dir), len(plan), tp.written, 0.0, s)
+    return ToHFResult(os.path.abspath(out_dir), len(plan), tp.written, tp.elapsed(), s)

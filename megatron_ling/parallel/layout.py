@@ -76,8 +76,9 @@ def check_layout(layout: str, pp: int, num_layers: int, mtp_layers: int, vpp: in
         if "t" in units[units.index("m"):]:
             raise LingConfigError(f"{_FIELD}: MTP layers must come after every decoder layer in {layout!r}")
         last = flat[-1]
-        # megatron-core 0.16.1 hangs in the schedule when the MTP block sits on another pipeline
-        # rank than the loss (mtp_standalone), so MTP goes with the loss in the last stage.
+        # megatron-core 0.16.1 hangs when the MTP block sits on another pipeline rank than the loss
+        # (mtp_standalone): already while building the model, the MTP rank's embedding all-reduce
+        # (language_module.py:245) waits for ranks that never join. So MTP goes with the loss.
         if last.count("m") != nm:
             raise LingConfigError(f"{_FIELD}: MTP must be in the last stage together with the loss "
                                   f"(e.g. '...|tmL'); megatron-core 0.16.1 hangs otherwise")

@@ -448,10 +448,11 @@ def run_ranks(fn: Callable, world: int, kwargs: Optional[dict] = None, *, timeou
                compat_exclude=sorted(compat_exclude), pg_timeout_s=int(pg_timeout_s), grace_s=float(grace_s),
                prepare=prepare, env=env, log_dir=log_dir, info=info, sys_path=list(sys.path))
     out = get_zygote().run(req)
-    res = _collect(fn, world, out, timeout_s)
-    if log_dir is None:  # keep the logs of failed cases only
-        shutil.rmtree(os.path.dirname(out["logs"][0]), ignore_errors=True)
-    return res
+    try:
+        return _collect(fn, world, out, timeout_s)
+    finally:  # failures carry the log tails; pass log_dir to keep whole logs
+        if log_dir is None:
+            shutil.rmtree(os.path.dirname(out["logs"][0]), ignore_errors=True)
 
 
 def _collect(fn: Callable, world: int, out: dict, timeout_s: float) -> list:

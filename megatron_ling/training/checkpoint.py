@@ -146,10 +146,17 @@ def read_common_state(path: str) -> dict:
 
 
 def _check_optimizer_reshard(saved: dict, parallel) -> None:
-    """megatron-core 0.16.1 cannot reshard distributed-optimizer state between EP=1 and EP>1
-    (expert params move between the dense and the expert optimizer), so refuse before loading."""
+    """megatron-core 0.16.1 cannot reshard optimizer state between EP=1 and EP>1 (EP2->EP1:
+    KeyError 'optimizer'; EP1->EP2: "Expected 2 entries in state dict, but got 4") nor between the
+    distributed and the plain optimizer, so refuse before loading. EP2->EP4 and ETP changes work."""
     if not saved or parallel is None:
         return
+    old_do, new_do = saved.get("distributed_optimizer"), parallel.distributed_optimizer
+    if old_do is not None and bool(old_do) != bool(new_do):
+        raise LingConfigError(
+            f"checkpoint.load_optimizer: the checkpoint was saved with parallel.distributed_optimizer={old_do} and "
+            f"this run uses {new_do}; megatron-core cannot convert optimizer state between them: set "
+            f"checkpoint.load_optimizer=false to load the model weights only")
     old_ep, new_ep = saved.get("ep", 1), parallel.ep
     if (old_ep == 1) != (new_ep == 1):
         raise LingConfigError(
@@ -173,14 +180,23 @@ def load_checkpoint(bundle, optimizer, lr_scheduler, path: str, load_optimizer: 
     state = _model_sharded_state_dict(bundle)
     if want_optimizer:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_optimizer_metadata())
-    loaded = dist_checkpointing.load(state, path, strict="assume_ok_unexpected" if not strict else "raise_all")
+    # raise_unexpected: a requested key absent from the checkpoint is an error; checkpoint keys we do
+    # not request ("missing" in megatron's terms, e.g. optimizer state on a weights-only load) are fine.
+    # A weights-only checkpoint written by `ling-convert from-hf` holds the _extra_state objects of
+    # the local (non-TE) spec; Transformer Engine modules ask for others. Those may be absent (they
+    # are recomputed); every tensor must still be there.
+    model_only = bool(common.get("model_only"))
+    mode = "log_unexpected" if model_only else ("raise_unexpected" if strict else "assume_ok_unexpected")
+    loaded = dist_checkpointing.load(state, path, strict=mode)
     if isinstance(loaded, tuple):
         loaded = loaded[0]
-    if len(bundle.chunks) == 1:
-        bundle.unwrapped[0].load_state_dict(loaded["model"], strict=strict)
-    else:
-        for i, m in enumerate(bundle.unwrapped):
-            m.load_state_dict(loaded[f"model{i}"], strict=strict)
+    names = ["model"] if len(bundle.chunks) == 1 else [f"model{i}" for i in range(len(bundle.chunks))]
+    for name, m in zip(names, bundle.unwrapped):
+        result = m.load_state_dict(loaded[name], strict=strict and not model_only)
+        absent = [k for k in getattr(result, "missing_keys", []) if not k.endswith("_extra_state")]
+        if absent:
+            raise LingConfigError(f"checkpoint.resume: {path} lacks {len(absent)} model tensors, e.g. {absent[0]}; "
+                                  f"it was saved for another model")
     if want_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
         if lr_scheduler is not None and common.get("opt_param_scheduler"):
