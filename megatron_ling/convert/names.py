@@ -157,7 +157,7 @@ def hf_prefix(cfg: LingConfig, unit) -> str:
 
 def hf_names(cfg: LingConfig, unit, role: str) -> list[tuple[str, tuple[int, ...]]]:
     """HF tensor names (and shapes) that one Megatron role becomes, in order."""
-    H, hd = cfg.hidden_size, cfg.head_dim
+    H = cfg.hidden_size
     if unit == "embed":
         return [("model.word_embeddings.weight", (cfg.vocab_size, H))]
     if unit == "final":

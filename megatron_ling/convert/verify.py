@@ -10,21 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 
 import torch
 
 from megatron_ling.convert.torch_dist import resolve_checkpoint
 from megatron_ling.errors import LingConfigError
 from megatron_ling.models.config import LingConfig
+from megatron_ling.utils import free_port as _free_port
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 @contextlib.contextmanager

@@ -81,8 +81,7 @@ _WORKER_TOKENIZER = None
 def _worker_init(tokenizer_dir: str) -> None:
     global _WORKER_TOKENIZER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process = one core
-    from megatron_ling.data.config import BUILTIN_TOKENIZER, _check_tokenizer_dir
-    from megatron_ling.data.tokenizer import builtin_tokenizer_dir, load_tokenizer
+    from megatron_ling.data.tokenizer import load_tokenizer
 
     _WORKER_TOKENIZER = load_tokenizer(tokenizer_dir)
 

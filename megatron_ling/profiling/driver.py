@@ -24,15 +24,10 @@ import torch
 
 from megatron_ling.models.config import LingConfig
 from megatron_ling.profiling.costmodel import Calibration, CostModel, CostOptions
+from megatron_ling.utils import free_port as _free_port
 
 
 # ------------------------------------------------------------------------------ helpers
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def make_microbatches(ling: LingConfig, num: int, seq_length: int, micro_batch_size: int, seed: int = 0) -> list:

@@ -37,7 +37,6 @@ import pickle
 import select
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -46,6 +45,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
+from megatron_ling.utils import free_port  # noqa: F401  (re-exported)
 
 PG_TIMEOUT_S = 60
 DEFAULT_TIMEOUT_S = 180
@@ -110,12 +110,6 @@ def _recv(fd: int, deadline: Optional[float] = None) -> Any:
     return pickle.loads(_read_exact(fd, n, deadline))
 
 
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _tail(path: str, nbytes: int = 6000) -> str:
