@@ -438,7 +438,8 @@ def test_bad_preprocess_input_one_line_no_output(tmp_path, cache, capsys):
     with pytest.raises(SystemExit):  # argparse: --input is required
         preprocess_main(["--output-prefix", str(out / "o")])
     # The installed console script speaks the same way (exit status 2, one line on stderr).
-    r = subprocess.run(["ling-preprocess", "--input", str(tmp_path / "badjson.jsonl"), "--output-prefix",
+    script = os.path.join(os.path.dirname(sys.executable), "ling-preprocess")  # the venv's, PATH or not
+    r = subprocess.run([script, "--input", str(tmp_path / "badjson.jsonl"), "--output-prefix",
                         str(out / "o"), "--cache-dir", cache], capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "badjson.jsonl:3" in r.stderr
