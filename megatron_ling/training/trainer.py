@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -24,10 +23,6 @@ class TrainResult:
 
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def rank_from_env() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 def preflight(recipe: Recipe, world_size: int):
@@ -112,7 +107,7 @@ def train(recipe: Recipe) -> TrainResult:
     from megatron_ling.training.step import eval_step, train_step
 
     rank = torch.distributed.get_rank()
-    init_model_parallel(recipe.parallel, recipe.model.seed)
+    init_model_parallel(recipe.parallel, recipe.model.seed, tied_embeddings=ling.tie_word_embeddings)
     opts = recipe.model.options()
     bundle = build_model(ling, recipe.parallel, opts)
     o = recipe.optimizer
@@ -187,6 +182,7 @@ def train(recipe: Recipe) -> TrainResult:
             last_saved = save_checkpoint(bundle, optimizer, scheduler, ckpt_dir, it, data.consumed_samples,
                                          recipe_dict, recipe.parallel, recipe.checkpoint.keep_last)
 
+    start_iteration = iteration
     try:
         while iteration < t.train_iters:
             t0 = time.time()
@@ -215,7 +211,7 @@ def train(recipe: Recipe) -> TrainResult:
             if interval and iteration % interval == 0 and iteration < t.train_iters:
                 save(iteration)
         else:
-            if last_saved != (iteration and _ckpt_name(ckpt_dir, iteration)):
+            if iteration > start_iteration:  # nothing new to save when resuming a finished run
                 save(iteration)
     except BaseException:
         if rank == 0:
@@ -229,19 +225,3 @@ def train(recipe: Recipe) -> TrainResult:
             print(f"checkpoint: {last_saved}", flush=True)
         print(f"tensorboard: {recipe.tensorboard_dir}\nmetrics: {recipe.metrics_file}", flush=True)
     return TrainResult(iteration=iteration, losses=losses, checkpoint=last_saved, reason=reason)
-
-
-def _ckpt_name(ckpt_dir, it):
-    from megatron_ling.training.checkpoint import checkpoint_path
-
-    return checkpoint_path(ckpt_dir, it)
-
-
-def run_from_cli(config: str, overrides: list) -> TrainResult:
-    from megatron_ling.training.recipe import load_recipe
-
-    return train(load_recipe(config, overrides))
-
-
-def dump_json(obj) -> str:
-    return json.dumps(obj, indent=2, default=str)
