@@ -50,13 +50,16 @@ def main() -> int:
     cases = [
         ("Ling-1T 4D+76M+MTP", one_t, 21, 2, args.micro_batches,
          CostOptions(seq_length=4096, micro_batch_size=1, tp=1, ep=8, dp=12, recompute="full")),
+        ("Ling-1T 4D+76M+MTP", one_t, 21, 1, args.micro_batches,
+         CostOptions(seq_length=4096, micro_batch_size=1, tp=1, ep=8, dp=12, recompute="full")),
         ("3D+15M+MTP (1T shapes)", small, 5, 1, args.micro_batches_pp5,
          CostOptions(seq_length=4096, micro_batch_size=1, tp=1, ep=8, dp=12, recompute="full")),
     ]
     rows = []
     for name, cfg, pp, vpp, m, opts in cases:
         t = time.time()
-        stock = plan(cfg, pp, vpp, m, opts, mem_cap_gib=args.mem_cap, calibration=cal, time_budget_s=args.time_budget)
+        stock = plan(cfg, pp, vpp, m, opts, mem_cap_gib=args.mem_cap, calibration=cal, time_budget_s=args.time_budget,
+                     mtp_standalone=False)
         t_stock = time.time() - t
         t = time.time()
         alone = plan(cfg, pp, vpp, m, opts, mem_cap_gib=args.mem_cap, calibration=cal, time_budget_s=args.time_budget,
@@ -65,7 +68,8 @@ def main() -> int:
         uni = stock.uniform
         for label, ev, gain, secs in [("uniform split", uni, 0.0, 0.0),
                                       ("planner (0.16.1: MTP+L last)", stock.best, stock.gain, t_stock),
-                                      ("planner, MTP own stage (what-if)", alone.best, alone.gain, t_alone)]:
+                                      ("planner, MTP own stage" + (" (runs)" if vpp == 1 else " (what-if)"),
+                                       alone.best, alone.gain, t_alone)]:
             rows.append((name, f"PP{pp} VPP{vpp} m={m}", label, ev.iteration_s, sum(ev.bubbles) / len(ev.bubbles),
                          max(ev.bubbles), gain, ev.max_mem_gib, secs, ev.layout))
 

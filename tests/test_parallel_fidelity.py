@@ -12,6 +12,7 @@ Ranks are forked by megatron_ling.testing (gloo, 60 s process-group timeout, har
 import pytest
 
 from megatron_ling import compat
+from megatron_ling.parallel.layout import mtp_pp_ranks
 from megatron_ling.testing import RankFailure, run_ranks
 from megatron_ling.testing import fidelity as F
 
@@ -72,6 +73,16 @@ LAYOUTS = [
                             "uneven token counts over the expert-TP group (tensor_parallel/mappings.py:150); "
                             "needs a compat patch"), id="tp2_ep2_etp2_alltoall"),
     ("tp2_pp2", 4, dict(tp=2, pp=2), dict(tp=2, pp=2, dp=1), None),
+    # MTP standalone: the MTP layer on another pipeline rank than the loss (Ling's heterogeneous
+    # pipeline); needs megatron_ling's embedding group (the MTP stage's embedding copy joins it)
+    ("pp2_mtp_with_embedding_Ettttm|L", 2, dict(pp=2, pipeline_layout="Ettttm|L"), dict(pp=2),
+     _layers([[1, 2, 3, 4]], [[]])),
+    ("pp3_mtp_standalone_Ett|ttm|L", 3, dict(pp=3, pipeline_layout="Ett|ttm|L"), dict(pp=3),
+     _layers([[1, 2]], [[3, 4]], [[]])),
+    ("pp4_mtp_standalone_Et|tt|tm|L", 4, dict(pp=4, pipeline_layout="Et|tt|tm|L"), dict(pp=4),
+     _layers([[1]], [[2, 3]], [[4]], [[]])),
+    ("pp4_mtp_alone_Ett|tt|m|L", 4, dict(pp=4, pipeline_layout="Ett|tt|m|L"), dict(pp=4),
+     _layers([[1, 2]], [[3, 4]], [[]], [[]])),
     ("dp2_ep2_pp2", 4, dict(pp=2, ep=2), dict(pp=2, dp=2, ep=2, tp=1), None),
 ]
 
@@ -87,7 +98,10 @@ def test_layout_matches_single_process(reference, name, world, parallel, groups,
         assert res[0]["groups"][k] == v, (k, res[0]["groups"])
     if layers is not None:
         assert [r["layers"] for r in res] == layers
-        assert sum(any(r["mtp"]) for r in res) == 1 and any(res[-1]["mtp"])  # MTP only on the last stage
+        # MTP on exactly the rank the layout puts it (the last one unless the layout says otherwise)
+        pp = parallel.get("pp", 1)
+        mtp_rank = (mtp_pp_ranks(parallel.get("pipeline_layout"), pp) or [pp - 1])[0]
+        assert [any(r["mtp"]) for r in res] == [i == mtp_rank for i in range(len(res))]
     d = F.compare(reference, res)
     print(f"FIDELITY {name}: " + " ".join(f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}"
                                            for k, v in d.items()))

@@ -47,6 +47,10 @@ CASES = [
     ("ep2->ep2", (2, dict(ep=2)), (2, dict(ep=2))),
     ("dp2->tp2", (2, dict()), (2, dict(tp=2))),
     ("pp2_vpp2->dp2", (2, dict(pp=2, vpp=2)), (2, dict())),
+    # MTP standalone (the MTP stage holds a copy of the word embedding) to layouts without it
+    ("pp3_mtp_standalone->pp1", (3, dict(pp=3, pipeline_layout="Ett|ttm|L")), (1, dict())),
+    ("pp3_mtp_standalone->pp2", (3, dict(pp=3, pipeline_layout="Ett|ttm|L")), (2, dict(pp=2))),
+    ("pp2->pp3_mtp_standalone", (2, dict(pp=2)), (3, dict(pp=3, pipeline_layout="Ett|ttm|L"))),
 ]
 
 

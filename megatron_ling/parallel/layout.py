@@ -1,7 +1,9 @@
 """Pipeline layouts: parse and check megatron-core ``pipeline_model_parallel_layout`` strings.
 
 megatron-core 0.16.1 checks layouts with bare asserts (or not at all: an MTP layer on a non-last
-pipeline rank makes the schedule hang). We check first and answer with one line.
+pipeline rank with VPP makes the interleaved schedule hang). We check first and answer with one line.
+MTP on its own pipeline rank before the loss ("mtp standalone", e.g. "Ett|ttm|L") is allowed with
+vpp=1; it needs the embedding group of ``embedding_pp_ranks`` (``training.setup.init_model_parallel``).
 
 Layout syntax (megatron-core): stages separated by '|', listed in schedule order, stage i living on
 pp rank i % pp and virtual stage i // pp; 'E' embedding, 't' decoder layer, 'm' MTP layer,
@@ -75,15 +77,42 @@ def check_layout(layout: str, pp: int, num_layers: int, mtp_layers: int, vpp: in
     if nm:
         if "t" in units[units.index("m"):]:
             raise LingConfigError(f"{_FIELD}: MTP layers must come after every decoder layer in {layout!r}")
-        last = flat[-1]
-        # megatron-core 0.16.1 hangs when the MTP block sits on another pipeline rank than the loss
-        # (mtp_standalone): already while building the model, the MTP rank's embedding all-reduce
-        # (language_module.py:245) waits for ranks that never join. So MTP goes with the loss.
-        if last.count("m") != nm:
-            raise LingConfigError(f"{_FIELD}: MTP must be in the last stage together with the loss "
-                                  f"(e.g. '...|tmL'); megatron-core 0.16.1 hangs otherwise")
+        holders = [i for i, st in enumerate(flat) if "m" in st]
+        if len(holders) != 1:
+            raise LingConfigError(f"{_FIELD}: all MTP layers must be in one stage in {layout!r} (megatron-core "
+                                  f"builds the MTP block in one virtual stage)")
+        if holders[0] != len(flat) - 1 and nv > 1:
+            # A standalone MTP stage (MTP on another pp rank than the loss) trains correctly with the
+            # 1F1B schedule (tests/test_parallel_fidelity.py), but megatron-core 0.16.1's interleaved
+            # schedule deadlocks in its shape exchange (p2p_communication.py:238, mtp_standalone).
+            raise LingConfigError(f"{_FIELD}: with vpp={nv}, MTP must be in the last stage together with the "
+                                  f"loss (e.g. '...|tmL'); megatron-core 0.16.1's interleaved schedule hangs "
+                                  f"with MTP on another pipeline rank (use vpp=1 for a standalone MTP stage)")
     stages = tuple(tuple(flat[v * pp + r] for v in range(nv)) for r in range(pp))
     return Layout(text=layout, pp=pp, vpp=nv, stages=stages)
+
+
+def mtp_pp_ranks(layout: str | None, pp: int) -> list[int]:
+    """Pipeline ranks (positions in the pp group) whose stages hold MTP layers ('m')."""
+    if not layout or layout == "auto" or pp <= 1:
+        return []
+    flat = expand(layout)
+    return sorted({i % pp for i, st in enumerate(flat) if "m" in st})
+
+
+def embedding_pp_ranks(layout: str | None, pp: int, tied: bool) -> list[int]:
+    """Positions in the pp group that must join megatron's embedding group: the first stage (the
+    word embedding), the MTP stage (its copy of the word embedding, for the MTP input) and, with
+    tied embeddings, the last stage (the output layer is the embedding). megatron-core 0.16.1's
+    default (``default_embedding_ranks``: first and last) misses a standalone MTP stage; with
+    untied embeddings the last stage must stay out, or its output-layer weight and gradient would
+    be summed into the embedding's (finalize_model_grads.py:258, language_module.py:245)."""
+    if pp <= 1:
+        return [0]
+    mtp = mtp_pp_ranks(layout, pp)
+    if not mtp:
+        return [0, pp - 1]  # megatron's default (no layout, or MTP with the loss)
+    return sorted({0, *mtp} | ({pp - 1} if tied else set()))
 
 
 def uniform_layout(num_layers: int, mtp_layers: int, pp: int, vpp: int = 1) -> str:

@@ -69,8 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     lay.add_argument("--mem-cap", type=float, default=None, help="per-rank memory cap in GiB")
     lay.add_argument("--calibration", default=None, help="JSON from `ling-plan calibrate`")
     lay.add_argument("--evaluate", default=None, metavar="LAYOUT", help="only simulate this layout string")
-    lay.add_argument("--mtp-standalone", action="store_true",
-                     help="what-if: MTP on its own stage before the loss (megatron-core 0.16.1 hangs on such layouts)")
+    mtp = lay.add_mutually_exclusive_group()
+    mtp.add_argument("--mtp-standalone", dest="mtp_standalone", action="store_const", const=True, default=None,
+                     help="force MTP on its own stage before the loss (default: tried whenever vpp == 1, where "
+                          "megatron-core 0.16.1 runs it; with vpp > 1 what-if only)")
+    mtp.add_argument("--mtp-with-loss", dest="mtp_standalone", action="store_const", const=False,
+                     help="keep MTP in the loss stage")
     lay.add_argument("--time-budget", type=float, default=20.0, help="search time limit, seconds")
     lay.add_argument("--json", action="store_true", help="print a JSON result instead of tables")
 

@@ -250,16 +250,45 @@ class _Problem:
         return not (self.standalone and counts[-1])
 
 
+def standalone_mtp_runnable(cfg: LingConfig, pp: int, vpp: int) -> bool:
+    """MTP on its own stage before the loss stage trains correctly on megatron-core 0.16.1 without
+    virtual stages (with megatron-ling's embedding group, see parallel/layout.py); with vpp > 1 the
+    interleaved schedule deadlocks."""
+    return bool(cfg.num_nextn_predict_layers) and pp > 1 and (vpp or 1) == 1
+
+
 def plan(cfg: LingConfig, pp: int, vpp: int, num_microbatches: int, opts: CostOptions,
          mem_cap_gib: Optional[float] = None, calibration: Optional[Calibration] = None,
          hardware: Optional[Hardware] = None, group: Optional[int] = None,
-         time_budget_s: float = 20.0, mtp_standalone: bool = False) -> PlanResult:
+         time_budget_s: float = 20.0, mtp_standalone: Optional[bool] = None) -> PlanResult:
     """Search the layout minimising simulated iteration time; also evaluates the uniform split.
 
-    ``mtp_standalone=True`` puts the MTP layer on its own stage before the loss stage (what Ling
-    2.0 did); megatron-core 0.16.1 hangs on such layouts, so they are for what-if analysis only
-    and are not validated with ``check_layout``.
+    ``mtp_standalone``: None (default) also tries the MTP layer on its own stage before the loss
+    stage (what Ling 2.0 does) wherever megatron-core can run it (vpp == 1) and keeps the faster
+    plan; True forces it (with vpp > 1 as what-if analysis only: not runnable on 0.16.1); False
+    keeps MTP with the loss.
     """
+    if mtp_standalone is None:
+        kw = dict(mem_cap_gib=mem_cap_gib, calibration=calibration, hardware=hardware, group=group,
+                  time_budget_s=time_budget_s)
+        if not standalone_mtp_runnable(cfg, pp, vpp):
+            return _plan(cfg, pp, vpp, num_microbatches, opts, mtp_standalone=False, **kw)
+        results, errors = [], []
+        for standalone in (False, True):  # either placement may be the one that fits a memory cap
+            try:
+                results.append(_plan(cfg, pp, vpp, num_microbatches, opts, mtp_standalone=standalone, **kw))
+            except LingConfigError as e:
+                errors.append(e)
+        if not results:
+            raise errors[0]
+        return min(results, key=lambda r: r.best.iteration_s)
+    return _plan(cfg, pp, vpp, num_microbatches, opts, mem_cap_gib=mem_cap_gib, calibration=calibration,
+                 hardware=hardware, group=group, time_budget_s=time_budget_s, mtp_standalone=mtp_standalone)
+
+
+def _plan(cfg: LingConfig, pp: int, vpp: int, num_microbatches: int, opts: CostOptions,
+          mem_cap_gib: Optional[float], calibration: Optional[Calibration], hardware: Optional[Hardware],
+          group: Optional[int], time_budget_s: float, mtp_standalone: bool) -> PlanResult:
     t0 = time.time()
     vpp = vpp or 1
     if pp < 1:
@@ -305,10 +334,13 @@ def plan(cfg: LingConfig, pp: int, vpp: int, num_microbatches: int, opts: CostOp
     if stock.over_cap(uni.counts) > 0:
         notes.append("the uniform split exceeds the memory cap")
     best_eval = prob.evaluate(best)
-    if prob.standalone:
-        notes.append("MTP standalone layout: megatron-core 0.16.1 hangs on it (what-if analysis only)")
+    if prob.standalone and not standalone_mtp_runnable(cfg, pp, vpp):
+        notes.append("MTP standalone with vpp > 1: megatron-core 0.16.1 deadlocks in the interleaved schedule "
+                     "(what-if analysis only)")
     else:
         check_layout(best_eval.layout, pp, cfg.num_hidden_layers, cfg.num_nextn_predict_layers, vpp)
+        if prob.standalone:
+            notes.append("MTP on its own stage before the loss stage (runs on megatron-core 0.16.1 without vpp)")
     return PlanResult(best=best_eval, uniform=uni, evaluations=prob.evals, seconds=time.time() - t0, notes=notes)
 
 

@@ -38,3 +38,13 @@ def build_only(ctx, scenario: F.Scenario, parallel: dict) -> str:
     megatron-core itself does with it)."""
     bundle, _, _ = F.build(scenario, parallel, validate=False)
     return type(bundle.chunks[0]).__name__
+
+
+def layout_run_default_embedding_group(ctx, **kw) -> dict:
+    """``fidelity.layout_run`` with megatron-core's default embedding group (first and last pp rank,
+    ``parallel_state.default_embedding_ranks``) instead of megatron-ling's ``embedding_pp_ranks``:
+    shows what an MTP stage off the last rank does without megatron-ling's group."""
+    from megatron_ling.parallel import layout
+
+    layout.embedding_pp_ranks = lambda text, pp, tied: [0, pp - 1] if pp > 1 else [0]  # forked rank only
+    return F.layout_run(ctx, **kw)

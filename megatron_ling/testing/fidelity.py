@@ -154,8 +154,8 @@ def build(sc: Scenario, parallel: dict, full: Optional[dict] = None, world: Opti
     par = ParallelConfig(**parallel)
     if validate:
         par.validate(world or torch.distributed.get_world_size())
-    init_model_parallel(par, seed=1234)
     ling, opts = sc.ling(), sc.model_options()
+    init_model_parallel(par, seed=1234, tied_embeddings=ling.tie_word_embeddings)
     bundle = build_model(ling, par, opts, init_seed=sc.init_seed)
     if full is not None:
         load_full_state_dict(bundle.chunks, full)

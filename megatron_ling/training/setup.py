@@ -46,10 +46,21 @@ def init_distributed(timeout_s: int = 600) -> None:
         timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def init_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
-    """Megatron parallel state (TP/PP/VPP/EP/ETP/CP groups) and the model-parallel RNG."""
+def init_model_parallel(parallel: ParallelConfig, seed: int = 1234, tied_embeddings: bool = False) -> None:
+    """Megatron parallel state (TP/PP/VPP/EP/ETP/CP groups) and the model-parallel RNG.
+
+    The embedding group holds the pipeline stages with a copy of the word embedding (see
+    ``parallel.layout.embedding_pp_ranks``): it depends on where the layout puts MTP and on
+    ``tied_embeddings`` (LingConfig.tie_word_embeddings); ``build_model`` checks that it fits."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_ling.parallel.layout import embedding_pp_ranks
+
+    positions = embedding_pp_ranks(parallel.pipeline_layout, parallel.pp, tied_embeddings)
+
+    def get_embedding_ranks(pp_ranks):
+        return [pp_ranks[i] for i in positions] if len(pp_ranks) > 1 else [pp_ranks[0]]
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
@@ -61,6 +72,7 @@ def init_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
         expert_model_parallel_size=parallel.ep,
         expert_tensor_parallel_size=parallel.expert_tp,
         order="tp-cp-ep-dp-pp" if not parallel.use_tp_pp_dp_mapping else "tp-cp-ep-pp-dp",
+        get_embedding_ranks=get_embedding_ranks,
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
@@ -84,6 +96,27 @@ class ModelBundle:
         return out
 
 
+def _check_embedding_group(ling: LingConfig, parallel: ParallelConfig) -> None:
+    """The embedding group made by ``init_model_parallel`` must fit this model (tied or not): a
+    wrong group silently trains a broken model (a standalone MTP stage left out: its embedding copy
+    is never synchronised; an untied last stage let in: its output layer is summed into the word
+    embedding) or hangs (megatron's all-reduce at language_module.py:245)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_ling.errors import LingConfigError
+    from megatron_ling.parallel.layout import embedding_pp_ranks
+
+    if ps.get_pipeline_model_parallel_world_size() <= 1:
+        return
+    pp_ranks = torch.distributed.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
+    want = [pp_ranks[i] for i in embedding_pp_ranks(parallel.pipeline_layout, parallel.pp, ling.tie_word_embeddings)]
+    have = ps._EMBEDDING_GLOBAL_RANKS if torch.distributed.get_rank() in want else want
+    if sorted(have or []) != sorted(want):
+        raise LingConfigError(f"model.tie_word_embeddings={ling.tie_word_embeddings}: the embedding group "
+                              f"{have} does not fit; call init_model_parallel(..., tied_embeddings="
+                              f"{ling.tie_word_embeddings})")
+
+
 def build_model(ling: LingConfig, parallel: ParallelConfig, options: ModelOptions, ddp: bool = True,
                 tf_overrides: Optional[dict] = None, init_seed: Optional[int] = None) -> ModelBundle:
     """Every virtual-stage chunk of this rank, optionally wrapped for bf16/fp16 and in Megatron DDP.
@@ -92,6 +125,7 @@ def build_model(ling: LingConfig, parallel: ParallelConfig, options: ModelOption
     reproducible (layouts still differ from each other; tests load one full set of weights)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    _check_embedding_group(ling, parallel)
     tf_config = to_transformer_config(ling, parallel, options, **(tf_overrides or {}))
     if init_seed is not None:
         torch.manual_seed(init_seed)
