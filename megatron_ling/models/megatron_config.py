@@ -90,12 +90,7 @@ def to_transformer_config(ling: LingConfig, parallel: ParallelConfig | None = No
         fp8="e4m3" if options.fp8 else None,
         fp8_recipe=options.fp8 or "delayed",
         # parallel
-        tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=parallel.pp,
-        virtual_pipeline_model_parallel_size=parallel.vpp if (parallel.vpp or 1) > 1 else None,
-        expert_model_parallel_size=parallel.ep,
-        expert_tensor_parallel_size=parallel.expert_tp,
-        context_parallel_size=parallel.cp,
+        **parallel.megatron_sizes(),
         sequence_parallel=parallel.sequence_parallel,
         pipeline_model_parallel_layout=layout,
         num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,

@@ -37,6 +37,18 @@ class ParallelConfig:
     def expert_tp(self) -> int:
         return self.tp if self.etp is None else self.etp
 
+    @property
+    def virtual_stages(self) -> Optional[int]:
+        """Megatron's virtual_pipeline_model_parallel_size: None unless interleaving (vpp > 1)."""
+        return self.vpp if (self.vpp or 1) > 1 else None
+
+    def megatron_sizes(self) -> dict:
+        """The group sizes under the names both megatron's initialize_model_parallel and its
+        TransformerConfig use."""
+        return dict(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
+                    virtual_pipeline_model_parallel_size=self.virtual_stages, context_parallel_size=self.cp,
+                    expert_model_parallel_size=self.ep, expert_tensor_parallel_size=self.expert_tp)
+
     def model_parallel_size(self) -> int:
         return self.tp * self.pp * self.cp
 

@@ -65,12 +65,7 @@ def init_model_parallel(parallel: ParallelConfig, seed: int = 1234, tied_embeddi
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=parallel.pp,
-        virtual_pipeline_model_parallel_size=parallel.vpp if (parallel.vpp or 1) > 1 else None,
-        context_parallel_size=parallel.cp,
-        expert_model_parallel_size=parallel.ep,
-        expert_tensor_parallel_size=parallel.expert_tp,
+        **parallel.megatron_sizes(),
         order="tp-cp-ep-dp-pp" if not parallel.use_tp_pp_dp_mapping else "tp-cp-ep-pp-dp",
         get_embedding_ranks=get_embedding_ranks,
     )
@@ -129,7 +124,7 @@ def build_model(ling: LingConfig, parallel: ParallelConfig, options: ModelOption
     tf_config = to_transformer_config(ling, parallel, options, **(tf_overrides or {}))
     if init_seed is not None:
         torch.manual_seed(init_seed)
-    nvp = parallel.vpp if (parallel.vpp or 1) > 1 else None
+    nvp = parallel.virtual_stages
     chunks = [build_ling_model(ling, tf_config, vp_stage=(i if nvp else None)) for i in range(nvp or 1)]
     if torch.cuda.is_available():
         chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
