@@ -220,18 +220,21 @@ def _measure_worker(rank: int, world: int, port: int, spec_d: dict):
     ling = LingConfig.from_hf_dict(spec.ling)
     from megatron_ling.models.options import ModelOptions
 
-    from megatron_ling.parallel.layout import expand
+    from megatron_ling.parallel.layout import embedding_pp_ranks, expand
 
     mbs = make_microbatches(ling, spec.num_microbatches, spec.seq_length, spec.micro_batch_size)
     groups: dict = {}
     for i, layout in enumerate(spec.layouts):
-        groups.setdefault(len(expand(layout)) // spec.pp, []).append((i, layout))
-    for vpp, items in groups.items():
-        # Layouts with the same VPP share megatron's parallel state, so all their models are built
-        # up front and stepped round-robin: load drift on a shared machine then hits every layout
-        # alike instead of whichever happened to run during it.
-        par0 = ParallelConfig(pp=spec.pp, vpp=vpp if vpp > 1 else None)
-        init_model_parallel(par0)
+        # megatron's parallel state depends on the VPP size and on which stages share the word
+        # embedding (a standalone MTP stage does; see parallel/layout.embedding_pp_ranks)
+        key = (len(expand(layout)) // spec.pp, tuple(embedding_pp_ranks(layout, spec.pp, ling.tie_word_embeddings)))
+        groups.setdefault(key, []).append((i, layout))
+    for (vpp, _), items in groups.items():
+        # Layouts that share megatron's parallel state are built up front and stepped round-robin:
+        # load drift on a shared machine then hits every layout alike instead of whichever happened
+        # to run during it.
+        par0 = ParallelConfig(pp=spec.pp, vpp=vpp if vpp > 1 else None, pipeline_layout=items[0][1])
+        init_model_parallel(par0, tied_embeddings=ling.tie_word_embeddings)
         runs = []
         for i, layout in items:
             par = ParallelConfig(pp=spec.pp, vpp=par0.vpp, pipeline_layout=layout)
