@@ -29,7 +29,7 @@ def test_train_auto_layout_with_profiler_then_report(tmp_path):
     assert [s["iteration"] for s in doc["steps"]] == [2, 3]
     # the layout the trainer ran is the planner's for this recipe (4 micro batches of 2 x 128)
     want = plan_layout(get_preset("ling-tiny"), ParallelConfig(pp=2), 128, 2, 4)
-    assert doc["meta"]["pipeline_layout"] == want
+    assert doc["meta"]["layout"] == want
     kinds = {e[0] for e in doc["steps"][0]["events"]}
     assert kinds == {"F", "B", "W"}
     r = subprocess.run([sys.executable, "-m", "megatron_ling.profiling.bubbles_cli", "report", str(run)],

@@ -27,9 +27,6 @@ from megatron_ling.profiling.costmodel import Calibration, CostModel, CostOption
 from megatron_ling.utils import free_port as _free_port
 
 
-# ------------------------------------------------------------------------------ helpers
-
-
 def make_microbatches(ling: LingConfig, num: int, seq_length: int, micro_batch_size: int, seed: int = 0) -> list:
     g = torch.Generator().manual_seed(seed)
     out = []

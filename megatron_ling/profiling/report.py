@@ -13,8 +13,8 @@ from megatron_ling.profiling.analysis import Run, Timeline, load_run
 
 
 def _layout(run: Run) -> Optional[str]:
-    """The run's layout string: 'layout' (ling-plan measure) or 'pipeline_layout' (ling-train)."""
-    return run.meta.get("layout") or run.meta.get("pipeline_layout")
+    """The run's layout string, as ling-train and ling-plan measure record it."""
+    return run.meta.get("layout")
 
 
 def _pick(run: Run, iteration: Optional[int]) -> Timeline:

@@ -163,7 +163,7 @@ def train(recipe: Recipe) -> TrainResult:
 
     profiler = PipelineProfiler(recipe.profiling, recipe.run_dir, meta={
         "recipe": recipe_dict, "num_microbatches": nmb, "pp": recipe.parallel.pp, "vpp": recipe.parallel.vpp,
-        "pipeline_layout": recipe.parallel.pipeline_layout, "layout": recipe.parallel.pipeline_layout,
+        "layout": recipe.parallel.pipeline_layout,
         "ling": ling.to_hf_dict(), "seq_length": t.seq_length, "micro_batch_size": t.micro_batch_size})
     logger = MetricsLogger(rank, recipe.tensorboard_dir, recipe.metrics_file, t.train_iters)
     stop = StopRequest()
