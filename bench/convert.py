@@ -28,15 +28,15 @@ import torch
 
 def build_hf(out: str, layers: int, mtp: int) -> tuple[int, int]:
     """Synthetic HF dir; returns (total bytes, bytes of the largest layer)."""
-    from megatron_ling.convert import names as N
+    from megatron_ling.convert import mapping as M
     from megatron_ling.convert.hf_io import ShardedSafetensorsWriter, nbytes
     from megatron_ling.models.config import get_preset
 
     cfg = get_preset("ling-mini-2.0", num_hidden_layers=layers, num_nextn_predict_layers=mtp)
     plan, per_unit = [], {}
-    for unit in N.units(cfg):
-        for role in N.layer_roles(cfg, unit):
-            for name, shape in N.hf_names(cfg, unit, role):
+    for unit in M.units(cfg):
+        for role in M.layer_roles(cfg, unit):
+            for name, shape in M.hf_names(cfg, unit, role):
                 dt = torch.float32 if role == "expert_bias" else torch.bfloat16
                 plan.append((name, shape, dt))
                 per_unit[str(unit)] = per_unit.get(str(unit), 0) + nbytes(shape, dt)

@@ -27,8 +27,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_ling.models.config import get_preset  # noqa: E402
-from megatron_ling.profiling.costmodel import Calibration, CostOptions  # noqa: E402
-from megatron_ling.profiling.planner import plan  # noqa: E402
+from megatron_ling.pipeline.costmodel import Calibration, CostOptions  # noqa: E402
+from megatron_ling.pipeline.planner import plan  # noqa: E402
 
 
 def short(layout: str, width: int = 64) -> str:

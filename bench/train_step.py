@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 
 def batches(n, mbs, seq, vocab, seed):
-    from megatron_ling.testing.fidelity import microbatch
+    from megatron_ling.data.random_batches import random_microbatch as microbatch
 
     return [microbatch(seed * 100 + i, mbs, seq, vocab) for i in range(n)]
 
@@ -76,20 +76,32 @@ def bare_megatron(ling, tf_config, seq, mbs, nmb, steps, state):
     return times
 
 
-def ling_stack(ling, par, opts, seq, mbs, nmb, steps, state):
-    from megatron_ling.training.setup import build_model, build_optimizer
-    from megatron_ling.training.step import train_step
+def ling_recipe(preset, seq, mbs, nmb, steps, run_dir):
+    """The recipe of the Ling side: what ``ling-train`` would run (mock data, no checkpoints)."""
+    from megatron_ling.training.recipe import recipe_from_dict
 
-    b = build_model(ling, par, opts)
-    b.unwrapped[0].load_state_dict(state, strict=False)
-    opt = build_optimizer(b, par, opts, lr=1e-3)
+    return recipe_from_dict(dict(
+        run_dir=run_dir, model=dict(preset=preset),
+        training=dict(train_iters=steps, micro_batch_size=mbs, global_batch_size=mbs * nmb, seq_length=seq),
+        optimizer=dict(lr=1e-3, weight_decay=0.0), lr=dict(schedule="constant"), data=dict(mock=True),
+        checkpoint=dict(resume="none", save=False)))
+
+
+def ling_stack(recipe, steps, state):
+    """The trainer's ``setup`` and ``Session.step`` (with ``state`` loaded), timed per step."""
+    from megatron_ling.training.trainer import setup
+
+    s = setup(recipe)
+    s.bundle.unwrapped[0].load_state_dict(state, strict=False)
+    s.optimizer.reload_model_params()
+    t_cfg = recipe.training
     times = []
-    for s in range(steps):
-        data = batches(nmb, mbs, seq, ling.vocab_size, s)
+    for i in range(steps):
+        data = batches(s.num_microbatches, t_cfg.micro_batch_size, t_cfg.seq_length, s.ling.vocab_size, i)
         t = time.perf_counter()
-        train_step(b, opt, data, seq, mbs)
+        s.step(data)
         times.append(time.perf_counter() - t)
-    return times, b.tf_config
+    return times
 
 
 def main():
@@ -101,26 +113,22 @@ def main():
     ap.add_argument("--nmb", type=int, default=2)
     ap.add_argument("--quickstart-log", default="runs/quickstart/metrics.jsonl")
     a = ap.parse_args()
-    from megatron_ling.models.config import get_preset
-    from megatron_ling.models.options import ModelOptions
-    from megatron_ling.parallel.config import ParallelConfig
-    from megatron_ling.training.setup import init_distributed, init_model_parallel, prepare_process
+    import tempfile
 
-    prepare_process(cpu_threads=int(os.environ.get("BENCH_THREADS", "2")))
-    init_distributed()
-    par, opts = ParallelConfig(), ModelOptions()
-    init_model_parallel(par)
-    ling = get_preset(a.preset)
-    from megatron_ling.training.setup import build_model
+    from megatron_ling.models.megatron_config import to_transformer_config
+    from megatron_ling.training.trainer import setup
 
-    state = {k: v.clone() for k, v in build_model(ling, par, opts, ddp=False).unwrapped[0].state_dict().items()
-             if not k.endswith("_extra_state")}
+    os.environ.setdefault("LING_CPU_THREADS", os.environ.get("BENCH_THREADS", "2"))
     warm = 3
+    recipe = ling_recipe(a.preset, a.seq, a.mbs, a.nmb, a.steps + warm, tempfile.mkdtemp(prefix="bench-train-step-"))
+    first = setup(recipe)  # the weights both sides start from
+    state = {k: v.clone() for k, v in first.bundle.unwrapped[0].state_dict().items()
+             if not k.endswith("_extra_state")}
+    ling, par, opts = first.ling, recipe.parallel, recipe.model.options()
+    del first
     rows = []
     for rep in range(2):  # alternate to spread machine noise over both sides
-        lt, _ = ling_stack(ling, par, opts, a.seq, a.mbs, a.nmb, a.steps + warm, state)
-        from megatron_ling.models.megatron_config import to_transformer_config
-
+        lt = ling_stack(recipe, a.steps + warm, state)
         bt = bare_megatron(ling, to_transformer_config(ling, par, opts), a.seq, a.mbs, a.nmb, a.steps + warm, state)
         rows.append((statistics.median(lt[warm:]), statistics.median(bt[warm:])))
     ling_t = min(r[0] for r in rows)

@@ -16,12 +16,12 @@ import sys
 import pytest
 
 from megatron_ling.models.config import get_preset
-from megatron_ling.profiling.analysis import load_run
-from megatron_ling.profiling.costmodel import Calibration, CostModel, CostOptions
-from megatron_ling.profiling.planner import all_layouts, counts_to_layout, even_counts, plan
-from megatron_ling.profiling.simulator import rank_program
+from megatron_ling.pipeline.profile import load_run
+from megatron_ling.pipeline.costmodel import Calibration, CostModel, CostOptions
+from megatron_ling.pipeline.planner import all_layouts, counts_to_layout, even_counts, plan
+from megatron_ling.pipeline.simulator import rank_program
 
-pytestmark = pytest.mark.slow  # hard timeouts: launch_local(timeout_s=...) and subprocess(timeout=...)
+pytestmark = pytest.mark.slow  # hard timeouts: run_local(timeout_s=...) and subprocess(timeout=...)
 
 SEQ, MBS = 64, 2
 CFG = get_preset("ling-tiny", vocab_size=8192, hidden_size=128, intermediate_size=512, moe_intermediate_size=128,
@@ -82,7 +82,7 @@ def test_measured_bubbles_match_simulator(runs, which):
     per-stage times, measured p2p hand-off and per-op overhead). The prediction from the unit
     calibration (ling-plan calibrate) is printed beside it."""
     from megatron_ling.parallel.layout import expand
-    from megatron_ling.profiling.analysis import mean_bubbles
+    from megatron_ling.pipeline.simulator import mean_bubbles
 
     cm = CostModel(CFG, CostOptions(seq_length=SEQ, micro_batch_size=MBS), calibration=runs["cal"])
     items = {"pp2": list(runs["pp2"].values()), "pp4": list(runs["pp4"].values()), "inter": [runs["inter"]]}[which]

@@ -11,7 +11,7 @@ import pytest
 
 from megatron_ling.models.config import get_preset
 from megatron_ling.parallel.config import ParallelConfig
-from megatron_ling.profiling.planner import plan_layout
+from megatron_ling.pipeline.planner import plan_layout
 
 
 @pytest.mark.slow

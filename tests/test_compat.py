@@ -1,7 +1,7 @@
 """Each megatron_ling.compat patch is needed: a minimal real scenario fails (or gives a wrong
 result) with that one patch left out, and works with every patch in.
 
-Patches are process-global, so every scenario runs in ranks forked by megatron_ling.testing from an
+Patches are process-global, so every scenario runs in ranks forked by tests.support.harness from an
 unpatched zygote; ``compat_exclude`` leaves the patch out in those ranks only.
 """
 import re
@@ -9,20 +9,20 @@ import re
 import pytest
 
 from megatron_ling import compat
-from megatron_ling.testing import RankFailure, run_ranks
-from megatron_ling.testing import compat_cases as C
-from megatron_ling.testing import fidelity as F
-from megatron_ling.testing import resharding as R
+from tests.support.harness import RankFailure, run_ranks
+from tests.support import compat_cases as C
+from tests.support import fidelity as F
+from tests.support import resharding as R
 
-SC = F.Scenario(steps=1)
-SC4 = F.Scenario(steps=4)
+SC = F.case(steps=1)
+SC4 = F.case(steps=4)
 TOL = 1e-5
 
 
 def _train(world, parallel, exclude=frozenset(), options=None):
-    sc = F.Scenario(steps=1, options=options or {})
+    sc = F.case(steps=1, options=options or {})
     ref = F.reference(SC)
-    res = run_ranks(F.layout_run, world, dict(scenario=sc, parallel=parallel, full0=ref["full0"]),
+    res = run_ranks(F.layout_run, world, dict(recipe=sc, parallel=parallel, full0=ref["full0"]),
                     compat_exclude=exclude, timeout_s=120, grace_s=3)
     return F.compare(ref, res)
 
@@ -89,9 +89,9 @@ def test_dist_opt_step_state_needed_to_resume_distributed_optimizer(tmp_path):
     ref = F.reference(SC4)
 
     def save_and_resume(exclude, d):
-        run_ranks(R.save_run, 2, dict(scenario=SC4, parallel=dict(), full0=ref["full0"], ckpt_dir=str(d),
+        run_ranks(R.save_run, 2, dict(recipe=SC4, parallel=dict(), full0=ref["full0"], ckpt_dir=str(d),
                                       save_at=2), compat_exclude=exclude, timeout_s=150)
-        return run_ranks(R.resume_run, 2, dict(scenario=SC4, parallel=dict(), ckpt_dir=str(d), start=2, steps=2),
+        return run_ranks(R.resume_run, 2, dict(recipe=SC4, parallel=dict(), ckpt_dir=str(d), start=2, steps=2),
                          compat_exclude=exclude, timeout_s=150, grace_s=3)
 
     with pytest.raises(RankFailure) as e:
@@ -112,7 +112,7 @@ def test_ckpt_fork_queue_stops_reexecuting_the_training_script(tmp_path):
         d.mkdir()
         (d / "s").mkdir()
         return run_ranks(C.checkpoint_from_unguarded_script, 2,
-                         dict(scenario=SC, ckpt_dir=str(d / "ckpt"), script_dir=str(d / "s")),
+                         dict(recipe=SC, ckpt_dir=str(d / "ckpt"), script_dir=str(d / "s")),
                          compat_exclude=exclude, timeout_s=150)
 
     without = run({"ckpt_fork_queue"}, tmp_path / "without")

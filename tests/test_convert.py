@@ -19,16 +19,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_ling.convert import names as N
+from megatron_ling.convert import mapping as N
 from megatron_ling.convert.cli import main as cli_main
 from megatron_ling.convert.from_hf import from_hf
 from megatron_ling.convert.hf_io import FP8_QUANT_CONFIG, fp8_dequantize, fp8_quantize, fp8_scale_shape
-from megatron_ling.convert.synthetic import layout_forward, save_megatron_checkpoint
+from tests.support.synthetic import layout_forward, save_megatron_checkpoint
 from megatron_ling.convert.to_hf import to_hf
 from megatron_ling.convert.verify import reference_logits, reference_model, verify
 from megatron_ling.errors import LingConfigError
 from megatron_ling.models.config import get_preset
-from megatron_ling.testing import run_ranks
+from tests.support.harness import run_ranks
 
 # larger init than ling-tiny's 0.02 so logits are O(1) and 1e-5 is a tight check
 CFG = get_preset("ling-tiny", initializer_range=0.1)
@@ -92,6 +92,35 @@ def test_classify_spellings():
         c("decoder.layers.0.self_attention.linear_qkv.bias")
 
 
+def test_checkpoint_layout_resolves_one_iteration(tmp_path):
+    """One set of rules (megatron_ling.checkpoint.layout) for every user path."""
+    from megatron_ling.checkpoint import layout
+
+    root = tmp_path / "run" / "checkpoints"
+    for it in (5, 10):
+        d = layout.begin_save(str(root), it)
+        layout.write_common_state(d, {"iteration": it})
+        layout.commit_save(str(root), it)
+    os.makedirs(layout.tmp_dir(layout.iteration_dir(str(root), 20)))  # a killed save is never picked
+    assert open(root / layout.TRACKER).read() == "10" and layout.list_iterations(str(root)) == [5, 10]
+    assert layout.resolve(str(tmp_path / "run")) == layout.resolve(str(root)) == str(root / "iter_0000010")
+    assert layout.resolve(str(root / "iter_0000005")) == str(root / "iter_0000005")
+    assert layout.read_common_state(str(tmp_path / "run")) == {"iteration": 10}
+    os.remove(root / layout.TRACKER)  # tracker-less: the newest complete iteration
+    assert layout.resolve(str(root)) == str(root / "iter_0000010")
+    layout.prune(str(root), 1)
+    assert layout.list_iterations(str(root)) == [10]
+    rel = tmp_path / "rel"
+    layout.write_common_state(str(layout.begin_save(str(rel), "release")), {})
+    layout.commit_save(str(rel), "release")
+    assert layout.latest_iteration(str(rel)) == "release" and layout.resolve(str(rel)) == str(rel / "release")
+    (rel / layout.TRACKER).write_text("oops")
+    with pytest.raises(LingConfigError, match="not an iteration number"):
+        layout.resolve(str(rel))
+    with pytest.raises(LingConfigError, match="neither a checkpoint"):
+        layout.resolve(str(tmp_path))
+
+
 def test_fp8_blockwise_quantization():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 200, generator=g) * torch.logspace(-3, 1, 200)  # columns of very different scale
@@ -118,7 +147,7 @@ def test_to_hf_matches_reference(ckpts, work, layout):
     assert set(index["weight_map"]) == set(sd)
     bias = sd["model.layers.1.mlp.gate.expert_bias"]
     assert bias.dtype == torch.float32 and bias.abs().min() > 0
-    res = verify(ckpts[layout], out, isolate=True)
+    res = _verify(ckpts[layout], out)
     assert res["max_abs_logit"] > 0.5  # a meaningful scale for the tolerance
     assert res["max_abs_diff"] <= TOL, res
 
@@ -168,7 +197,7 @@ def test_trainer_checkpoint_with_optimizer_state(work):
     sd = load_dir(out)
     bias = sd["model.layers.1.mlp.gate.expert_bias"]
     assert bias.dtype == torch.float32 and bias.abs().max() > 0
-    res = verify(ckpt, out, isolate=True)
+    res = _verify(ckpt, out)
     assert res["max_abs_diff"] <= TOL, res
 
 
@@ -394,6 +423,16 @@ def test_cli_hf_files_force_and_verify(ckpts, work, capsys):
     rc, text = run_ranks(_cli_rank, 1, dict(argv=["verify", ckpts["tp2pp2"], out, "--tol", "1e-5"]),
                          prepare=False, timeout_s=300)[0]
     assert rc == 0 and "max |delta logits|" in text, text
+
+
+def _verify_rank(ctx, ckpt, hf):
+    return verify(ckpt, hf)
+
+
+def _verify(ckpt, hf):
+    """verify runs megatron in-process (compat patches, a process group): keep it out of pytest."""
+    return run_ranks(_verify_rank, 1, dict(ckpt=os.path.abspath(ckpt), hf=os.path.abspath(hf)),
+                     prepare=False, timeout_s=300)[0]
 
 
 def _cli_rank(ctx, argv):

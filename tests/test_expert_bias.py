@@ -67,13 +67,13 @@ def _bf16_bias_case(ctx, tmp):
     from megatron_ling.models.megatron_config import to_transformer_config
     from megatron_ling.models.options import ModelOptions
     from megatron_ling.parallel.config import ParallelConfig
-    from megatron_ling.training.checkpoint import load_checkpoint, save_checkpoint
-    from megatron_ling.training.setup import ModelBundle, build_model, build_optimizer, init_model_parallel
-    from megatron_ling.models.expert_bias import ExpertLoadStats
+    from megatron_ling.training.recipe import recipe_from_dict
+    from megatron_ling.training.setup import init_model_parallel
+    from megatron_ling.training.trainer import run, setup
 
     par = ParallelConfig()
-    init_model_parallel(par)
     ling = get_preset("ling-tiny")
+    init_model_parallel(par, ling)
     opts = ModelOptions(precision="bf16")
     tf = to_transformer_config(ling, par, opts)
     m = build_ling_model(ling, tf)
@@ -83,27 +83,24 @@ def _bf16_bias_case(ctx, tmp):
     w = wrap_half_precision(tf, m)
     out = {"after_wrap": [(str(r.expert_bias.dtype), bool(torch.equal(r.expert_bias, value))) for r in routers([w])],
            "weights_dtype": str(m.decoder.layers[0].self_attention.linear_qkv.weight.dtype)}
-    # bf16 training step and checkpoint round trip keep fp32
-    b = build_model(ling, par, opts)
-    opt = build_optimizer(b, par, opts, lr=1e-3)
-    from megatron_ling.testing.fidelity import microbatch
-    from megatron_ling.training.step import train_step
-
-    train_step(b, opt, [microbatch(0, 2, 16, 2048)], 16, 2)
-    out["after_step"] = sorted({str(r.expert_bias.dtype) for r in routers(b.unwrapped)})
-    saved = torch.stack([r.expert_bias.clone() for r in routers(b.unwrapped)])
-    save_checkpoint(b, opt, None, tmp, 1, 2)
-    b2 = build_model(ling, par, opts)
-    opt2 = build_optimizer(b2, par, opts, lr=1e-3)
-    load_checkpoint(b2, opt2, None, tmp)
-    out["after_load"] = sorted({str(r.expert_bias.dtype) for r in routers(b2.unwrapped)})
-    out["load_exact"] = bool(torch.equal(torch.stack([r.expert_bias for r in routers(b2.unwrapped)]), saved))
+    # a bf16 training step and the trainer's checkpoint round trip (save at the end, resume) keep fp32
+    recipe = recipe_from_dict(dict(run_dir=tmp, model=dict(preset="ling-tiny", precision="bf16"), data=dict(mock=True),
+                                   training=dict(train_iters=1, global_batch_size=2, micro_batch_size=2, seq_length=16),
+                                   optimizer=dict(lr=1e-3)))
+    first = setup(recipe)
+    run(first)
+    out["after_step"] = sorted({str(r.expert_bias.dtype) for r in routers(first.bundle.unwrapped)})
+    saved = torch.stack([r.expert_bias.clone() for r in routers(first.bundle.unwrapped)])
+    resumed = setup(recipe)  # checkpoint.resume: auto
+    out["after_load"] = sorted({str(r.expert_bias.dtype) for r in routers(resumed.bundle.unwrapped)})
+    out["load_exact"] = bool(resumed.iteration == 1 and torch.equal(
+        torch.stack([r.expert_bias for r in routers(resumed.bundle.unwrapped)]), saved))
     out["nonzero"] = bool(saved.abs().sum() > 0)
     return out
 
 
 def test_expert_bias_stays_fp32_under_bf16_and_after_load(tmp_path):
-    from megatron_ling.testing import run_ranks
+    from tests.support.harness import run_ranks
 
     r = run_ranks(_bf16_bias_case, world=1, kwargs=dict(tmp=str(tmp_path / "ckpt")), timeout_s=400)[0]
     assert r["weights_dtype"] == "torch.bfloat16"

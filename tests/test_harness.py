@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from megatron_ling.testing import RankFailure, RankTimeout, run_ranks
-from megatron_ling.testing import probes as P
+from tests.support.harness import RankFailure, RankTimeout, run_ranks
+from tests.support import probes as P
 
 
 def test_ranks_run_and_return():

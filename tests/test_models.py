@@ -6,7 +6,7 @@ import pytest
 from megatron_ling.errors import LingConfigError
 from megatron_ling.models.config import PRESETS, LingConfig, get_preset
 from megatron_ling.models.params import count_parameters
-from megatron_ling.testing import run_ranks
+from tests.support.harness import run_ranks
 
 
 def sig3(x: float) -> str:
@@ -43,7 +43,7 @@ def _count_built(ctx, preset):
     from megatron_ling.parallel.config import ParallelConfig
     from megatron_ling.training.setup import build_model, init_model_parallel
 
-    init_model_parallel(ParallelConfig())
+    init_model_parallel(ParallelConfig(), get_preset(preset))
     b = build_model(get_preset(preset), ParallelConfig(), ModelOptions(), ddp=False)
     return sum(p.numel() for p in b.unwrapped[0].parameters())
 

@@ -7,20 +7,20 @@ max |d logits| <= 1e-5 on a fixed evaluation batch before and after training (ev
 call: MTP head and main head), per-step loss, grad norm and MTP loss within 1e-5 relative, the
 expert biases identical, the final weights within 2e-4 (Adam divides by sqrt(v): for the rare
 near-zero gradient, a 1e-9 reduction-order difference becomes a visible step).
-Ranks are forked by megatron_ling.testing (gloo, 60 s process-group timeout, hard case timeout).
+Ranks are forked by tests.support.harness (gloo, 60 s process-group timeout, hard case timeout).
 """
 import pytest
 
 from megatron_ling import compat
 from megatron_ling.parallel.layout import mtp_pp_ranks
-from megatron_ling.testing import RankFailure, run_ranks
-from megatron_ling.testing import fidelity as F
+from tests.support.harness import RankFailure, run_ranks
+from tests.support import fidelity as F
 
 TOL_LOGITS = 1e-5
 TOL_REL = 1e-5
 TOL_WEIGHTS = 2e-4
 TOL_BF16_LOSS = 1e-2
-SC = F.Scenario()
+SC = F.case()
 CASE_TIMEOUT_S = 150
 
 
@@ -92,7 +92,7 @@ LAYOUTS = [c if hasattr(c, "marks") else pytest.param(*c, id=c[0]) for c in LAYO
 
 @pytest.mark.parametrize("name,world,parallel,groups,layers", LAYOUTS)
 def test_layout_matches_single_process(reference, name, world, parallel, groups, layers):
-    res = run_ranks(F.layout_run, world, dict(scenario=SC, parallel=parallel, full0=reference["full0"]),
+    res = run_ranks(F.layout_run, world, dict(recipe=SC, parallel=parallel, full0=reference["full0"]),
                     timeout_s=CASE_TIMEOUT_S)
     for k, v in groups.items():  # the layout really is what the case claims
         assert res[0]["groups"][k] == v, (k, res[0]["groups"])
@@ -118,9 +118,8 @@ def test_layout_matches_single_process(reference, name, world, parallel, groups,
 def test_tp2_without_sp_forward_matches(reference):
     """TP2 without sequence parallelism: megatron-core refuses MoE *training* without SP (see
     test_traps), so this layout is checked for the forward pass (logits) only."""
-    sc = F.Scenario(steps=0)
-    res = run_ranks(F.layout_run, 2, dict(scenario=sc, parallel=dict(tp=2, sp=False), full0=reference["full0"],
-                                          validate=False), timeout_s=CASE_TIMEOUT_S)
+    res = run_ranks(F.layout_run, 2, dict(recipe=SC, steps=0, parallel=dict(tp=2, sp=False),
+                                          full0=reference["full0"], checks=False), timeout_s=CASE_TIMEOUT_S)
     assert res[0]["groups"]["tp"] == 2
     diff = max((r["logits0"] - reference["logits0"]).abs().max().item() for r in res)
     print(f"FIDELITY tp2_nosp_forward: logits0={diff:.2e}")
@@ -138,8 +137,8 @@ BF16 = [
 
 @pytest.mark.parametrize("name,world,parallel", BF16, ids=[c[0] for c in BF16])
 def test_bf16_close_to_fp32(reference, name, world, parallel):
-    sc = F.Scenario(precision="bf16")
-    res = run_ranks(F.layout_run, world, dict(scenario=sc, parallel=parallel, full0=reference["full0"]),
+    sc = F.case(precision="bf16")
+    res = run_ranks(F.layout_run, world, dict(recipe=sc, parallel=parallel, full0=reference["full0"]),
                     timeout_s=CASE_TIMEOUT_S)
     worst = 0.0
     assert any(r["bias_dtypes"] for r in res)

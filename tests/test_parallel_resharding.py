@@ -7,11 +7,12 @@ weights equal the saved ones exactly, train steps 3-4 and compare with the refer
 """
 import pytest
 
-from megatron_ling.testing import RankFailure, run_ranks
-from megatron_ling.testing import fidelity as F
-from megatron_ling.testing import resharding as R
+from tests.support.harness import RankFailure, run_ranks
+from tests.support import fidelity as F
+from tests.support import resharding as R
 
-SC = F.Scenario(steps=4)
+SC = F.case(steps=4)
+STEPS = SC.training.train_iters
 SAVE_AT = 2
 TOL_REL = 1e-5
 TOL_LOGITS = 1e-5
@@ -23,14 +24,14 @@ def reference():
 
 
 def _save(reference, world, parallel, ckpt_dir):
-    out = run_ranks(R.save_run, world, dict(scenario=SC, parallel=parallel, full0=reference["full0"],
+    out = run_ranks(R.save_run, world, dict(recipe=SC, parallel=parallel, full0=reference["full0"],
                                             ckpt_dir=str(ckpt_dir), save_at=SAVE_AT), timeout_s=150)
     return out[0]
 
 
 def _resume(world, parallel, ckpt_dir, **kw):
-    return run_ranks(R.resume_run, world, dict(scenario=SC, parallel=parallel, ckpt_dir=str(ckpt_dir),
-                                               start=SAVE_AT, steps=SC.steps - SAVE_AT, **kw), timeout_s=150)
+    return run_ranks(R.resume_run, world, dict(recipe=SC, parallel=parallel, ckpt_dir=str(ckpt_dir),
+                                               start=SAVE_AT, steps=STEPS - SAVE_AT, **kw), timeout_s=150)
 
 
 def _max_weight_diff(a: dict, b: dict) -> float:
@@ -66,7 +67,7 @@ def test_resume_at_another_layout(reference, tmp_path, name, save, load):
             worst = max(worst, F.rel(a["loss"], b["loss"]), F.rel(a["grad_norm"], b["grad_norm"]),
                         F.rel(a["mtp"], b["mtp"]))
     logits = max((r["logits"] - reference["logits"]).abs().max().item() for r in res if r["logits"] is not None)
-    print(f"RESHARD {name}: loaded-weights diff={wdiff:.2e} steps {SAVE_AT + 1}-{SC.steps} rel={worst:.2e} "
+    print(f"RESHARD {name}: loaded-weights diff={wdiff:.2e} steps {SAVE_AT + 1}-{STEPS} rel={worst:.2e} "
           f"logits={logits:.2e}")
     assert wdiff == 0.0
     assert worst <= TOL_REL

@@ -1,13 +1,13 @@
-"""megatron_ling.parallel.weights: one full set of Ling weights into any layout and back."""
+"""tests.support.weights: one full set of Ling weights into any layout and back."""
 import pytest
 import torch
 
-from megatron_ling.parallel.weights import ShardInfo, WeightMappingError, assemble, shard_tensor, unshard_tensor
-from megatron_ling.testing import RankFailure, run_ranks
-from megatron_ling.testing import fidelity as F
-from megatron_ling.testing import probes as P
+from tests.support.weights import ShardInfo, WeightMappingError, assemble, shard_tensor, unshard_tensor
+from tests.support.harness import RankFailure, run_ranks
+from tests.support import fidelity as F
+from tests.support import probes as P
 
-SC = F.Scenario(steps=1)
+SC = F.case(steps=1)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -47,7 +47,7 @@ ROUNDTRIP = [
 @pytest.mark.parametrize("name,world,parallel", ROUNDTRIP, ids=[c[0] for c in ROUNDTRIP])
 def test_full_to_layout_and_back_is_exact(name, world, parallel):
     full = F.reference(SC)["full0"]
-    res = run_ranks(P.weights_roundtrip, world, dict(scenario=SC, parallel=parallel, full=full), timeout_s=120)
+    res = run_ranks(P.weights_roundtrip, world, dict(recipe=SC, parallel=parallel, full=full), timeout_s=120)
     back = res[0]["full"]
     assert set(back) == set(full)
     for k in full:
@@ -64,7 +64,7 @@ def test_mismatched_weights_are_refused_with_the_name():
     k = "decoder.layers.1.mlp.router.weight"
     wrong[k] = torch.zeros(16, full[k].shape[1])  # 16 experts instead of 8
     with pytest.raises(RankFailure, match=r"WeightMappingError: decoder.layers.1.mlp.router.weight: full tensor \(16, 64\)"):
-        run_ranks(P.load_mismatched, 2, dict(scenario=SC, parallel=dict(tp=2), full=wrong), timeout_s=60, grace_s=2)
+        run_ranks(P.load_mismatched, 2, dict(recipe=SC, parallel=dict(tp=2), full=wrong), timeout_s=60, grace_s=2)
     missing = {kk: v for kk, v in full.items() if kk != k}
     with pytest.raises(RankFailure, match=r"WeightMappingError: decoder.layers.1.mlp.router.weight \(local"):
-        run_ranks(P.load_mismatched, 1, dict(scenario=SC, parallel=dict(), full=missing), timeout_s=60, grace_s=2)
+        run_ranks(P.load_mismatched, 1, dict(recipe=SC, parallel=dict(), full=missing), timeout_s=60, grace_s=2)

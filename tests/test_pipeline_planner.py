@@ -13,8 +13,8 @@ from megatron_ling.models.config import get_preset
 from megatron_ling.models.params import _attention, _layer
 from megatron_ling.parallel.config import ParallelConfig
 from megatron_ling.parallel.layout import check_layout
-from megatron_ling.profiling.costmodel import Calibration, CostModel, CostOptions
-from megatron_ling.profiling.planner import (all_layouts, counts_to_layout, evaluate_layout, even_counts, plan,
+from megatron_ling.pipeline.costmodel import Calibration, CostModel, CostOptions
+from megatron_ling.pipeline.planner import (all_layouts, counts_to_layout, evaluate_layout, even_counts, plan,
                                              plan_layout)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_ling.errors import LingConfigError
-from megatron_ling.profiling.simulator import (analytic_bubble, peak_inflight, rank_program, schedule_table,
+from megatron_ling.pipeline.simulator import (analytic_bubble, peak_inflight, rank_program, schedule_table,
                                                simulate)
 
 

@@ -268,7 +268,7 @@ def test_kill_during_checkpoint_save_resumes_from_previous_complete(reference_ru
     assert "not requeued" in log
     first = metrics(run_dir)
     assert first and first[-1][0] >= kill_at
-    from megatron_ling.training.checkpoint import latest_iteration
+    from megatron_ling.checkpoint.layout import latest_iteration
     from megatron_ling.training.recipe import load_recipe
 
     ckpt_dir = load_recipe(str(run_dir / "job.recipe.yaml")).checkpoint_dir

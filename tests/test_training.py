@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from megatron_ling.training.checkpoint import TRACKER, checkpoint_path, latest_iteration, read_common_state
+from megatron_ling.checkpoint.layout import TRACKER, latest_iteration, read_common_state
+from megatron_ling.checkpoint.layout import iteration_dir as checkpoint_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["training.train_iters=12", "training.seq_length=64", "training.micro_batch_size=4",

@@ -6,12 +6,12 @@ import pytest
 from megatron_ling.errors import LingConfigError
 from megatron_ling.parallel.config import ParallelConfig
 from megatron_ling.parallel.layout import check_layout
-from megatron_ling.testing import RankFailure, run_ranks
-from megatron_ling.testing import compat_cases as C
-from megatron_ling.testing import fidelity as F
+from tests.support.harness import RankFailure, run_ranks
+from tests.support import compat_cases as C
+from tests.support import fidelity as F
 from megatron_ling.training.recipe import recipe_from_dict
 
-SC = F.Scenario(steps=1)
+SC = F.case(steps=1)
 
 
 def _recipe(parallel: dict):
@@ -53,8 +53,8 @@ def test_mtp_standalone_with_vpp_really_hangs_in_megatron_core():
     harness reports every rank's stack)."""
     ref = F.reference(SC)
     with pytest.raises(RankFailure) as e:
-        run_ranks(F.layout_run, 4, dict(scenario=SC, parallel=dict(pp=4, vpp=2, pipeline_layout=MTP_STANDALONE_VPP),
-                                        full0=ref["full0"], validate=False),
+        run_ranks(F.layout_run, 4, dict(recipe=SC, parallel=dict(pp=4, vpp=2, pipeline_layout=MTP_STANDALONE_VPP),
+                                        full0=ref["full0"], checks=False),
                   pg_timeout_s=10, timeout_s=45, grace_s=5)
     stacks = str(e.value)
     assert "still running" in stacks and "_communicate_shapes" in stacks, stacks[-3000:]
@@ -70,7 +70,7 @@ def test_mtp_standalone_with_megatron_default_embedding_group_silently_diverges(
     ref = F.reference(SC)
     with pytest.raises(RankFailure, match=r"ReplicaMismatch: embedding\.word_embeddings\.weight"):
         run_ranks(C.layout_run_default_embedding_group, 3,
-                  dict(scenario=SC, parallel=dict(pp=3, pipeline_layout="Ett|ttm|L"), full0=ref["full0"]),
+                  dict(recipe=SC, parallel=dict(pp=3, pipeline_layout="Ett|ttm|L"), full0=ref["full0"]),
                   timeout_s=90, grace_s=3)
 
 
@@ -88,7 +88,7 @@ def test_vpp_first_and_last_counts_at_pp2_are_refused():
 
 def test_vpp_first_and_last_counts_at_pp2_crash_megatron_core():
     with pytest.raises(RankFailure, match="ZeroDivisionError"):
-        run_ranks(C.build_only, 2, dict(scenario=SC, parallel=VPP_FIRST_LAST), timeout_s=60, grace_s=3)
+        run_ranks(C.build_only, 2, dict(recipe=SC, parallel=VPP_FIRST_LAST), timeout_s=60, grace_s=3)
 
 
 # ---------------------------------------------------------------- TP>1 with EP=1 and ETP=1
@@ -105,8 +105,8 @@ def test_tp_with_ep1_etp1_silently_diverges_in_megatron_core():
     all-reduced: after one step the replicas differ (caught when gathering the weights)."""
     ref = F.reference(SC)
     with pytest.raises(RankFailure, match=r"ReplicaMismatch: decoder\.layers\.\d+\.mlp\.experts"):
-        run_ranks(F.layout_run, 2, dict(scenario=SC, parallel=dict(tp=2, etp=1), full0=ref["full0"],
-                                        validate=False), timeout_s=90, grace_s=3)
+        run_ranks(F.layout_run, 2, dict(recipe=SC, parallel=dict(tp=2, etp=1), full0=ref["full0"],
+                                        checks=False), timeout_s=90, grace_s=3)
 
 
 # ------------------------------------------------------------------- MoE + TP without SP
@@ -121,5 +121,5 @@ def test_moe_tp_without_sp_is_refused_and_sp_defaults_on():
 def test_moe_tp_without_sp_fails_at_the_first_step_in_megatron_core():
     ref = F.reference(SC)
     with pytest.raises(RankFailure, match="MoE and tensor parallelism"):
-        run_ranks(F.layout_run, 2, dict(scenario=SC, parallel=dict(tp=2, sp=False), full0=ref["full0"],
-                                        validate=False), timeout_s=90, grace_s=3)
+        run_ranks(F.layout_run, 2, dict(recipe=SC, parallel=dict(tp=2, sp=False), full0=ref["full0"],
+                                        checks=False), timeout_s=90, grace_s=3)

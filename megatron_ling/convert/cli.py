@@ -11,7 +11,7 @@ import argparse
 import re
 import sys
 
-from megatron_ling.errors import LingConfigError
+from megatron_ling.errors import LingConfigError, cli_main
 
 
 def parse_size(s: str) -> int:
@@ -53,34 +53,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.cmd == "to-hf":
-            from megatron_ling.convert.to_hf import to_hf
+    if args.cmd == "to-hf":
+        from megatron_ling.convert.to_hf import to_hf
 
-            r = to_hf(args.ckpt_dir, args.out_dir, dtype=args.dtype, mtp=args.mtp,
-                      shard_size=parse_size(args.shard_size), hf_files=args.hf_files, config=args.config,
-                      force=args.force, show_progress=not args.no_progress)
-            print(r.summary)
-        elif args.cmd == "from-hf":
-            from megatron_ling.convert.from_hf import from_hf
+        r = to_hf(args.ckpt_dir, args.out_dir, dtype=args.dtype, mtp=args.mtp,
+                  shard_size=parse_size(args.shard_size), hf_files=args.hf_files, config=args.config,
+                  force=args.force, show_progress=not args.no_progress)
+        print(r.summary)
+    elif args.cmd == "from-hf":
+        from megatron_ling.convert.from_hf import from_hf
 
-            r = from_hf(args.hf_dir, args.out_dir, dtype=args.dtype, mtp=args.mtp, force=args.force,
-                        show_progress=not args.no_progress)
-            print(r.summary)
-        else:
-            from megatron_ling.convert.verify import verify
+        r = from_hf(args.hf_dir, args.out_dir, dtype=args.dtype, mtp=args.mtp, force=args.force,
+                    show_progress=not args.no_progress)
+        print(r.summary)
+    else:
+        from megatron_ling.convert.verify import verify
 
-            r = verify(args.ckpt_dir, args.hf_dir, seq_len=args.seq_len, batch=args.batch)
-            print(f"max |delta logits| = {r['max_abs_diff']:.3e} (mean {r['mean_abs_diff']:.3e}, "
-                  f"max |logit| {r['max_abs_logit']:.3f}, {r['tokens']} tokens)")
-            if args.tol is not None and r["max_abs_diff"] > args.tol:
-                print(f"error: max |delta logits| {r['max_abs_diff']:.3e} exceeds --tol {args.tol}", file=sys.stderr)
-                return 1
-    except LingConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        r = verify(args.ckpt_dir, args.hf_dir, seq_len=args.seq_len, batch=args.batch)
+        print(f"max |delta logits| = {r['max_abs_diff']:.3e} (mean {r['mean_abs_diff']:.3e}, "
+              f"max |logit| {r['max_abs_logit']:.3f}, {r['tokens']} tokens)")
+        if args.tol is not None and r["max_abs_diff"] > args.tol:
+            print(f"error: max |delta logits| {r['max_abs_diff']:.3e} exceeds --tol {args.tol}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -16,30 +16,19 @@ Output layout (the contract with ``ling-train``)::
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 import torch
 
-from megatron_ling.convert import names as N
+from megatron_ling.convert import mapping as M
 from megatron_ling.convert.common import Throughput, atomic_dir, check_output, progress
 from megatron_ling.convert.hf_io import HFReader, nbytes
-from megatron_ling.convert.torch_dist import TRACKER, TorchDistWriter, iteration_dir
+from megatron_ling.checkpoint import layout
+from megatron_ling.convert.torch_dist import TorchDistWriter
 from megatron_ling.errors import LingConfigError
 from megatron_ling.models.config import LingConfig
 
 _TORCH = {"bf16": torch.bfloat16, "fp32": torch.float32}
-# Keys megatron-core 0.16.1 (local spec) saves as ShardedObjects: each Linear's `_extra_state`
-# (None without Transformer Engine FP8), except the output layer's. Written so that a strict
-# (raise_all) load finds exactly the keys it asks for; tests compare the key set with a real save.
-_EXTRA_STATE_ROLES = {
-    "qkv": ("self_attention.linear_qkv",), "proj": ("self_attention.linear_proj",),
-    "fc1": ("mlp.linear_fc1",), "fc2": ("mlp.linear_fc2",),
-    "shared_fc1": ("mlp.shared_experts.linear_fc1",), "shared_fc2": ("mlp.shared_experts.linear_fc2",),
-    "experts_fc1": ("mlp.experts.experts.linear_fc1",), "experts_fc2": ("mlp.experts.experts.linear_fc2",),
-}
-
-
 @dataclass
 class FromHFResult:
     out_dir: str
@@ -48,27 +37,9 @@ class FromHFResult:
     summary: str
 
 
-def _expected_hf(cfg: LingConfig, mtp: bool, fp8_names: set[str]) -> dict[str, tuple]:
-    exp = {}
-    for unit in N.units(cfg, mtp=mtp):
-        for role in N.layer_roles(cfg, unit):
-            for name, shape in N.hf_names(cfg, unit, role):
-                exp[name] = tuple(shape)
-    return exp
-
-
-def _extra_state_keys(cfg: LingConfig, unit, role: str, mtp_inner: str) -> list[str]:
-    if role not in _EXTRA_STATE_ROLES or unit in ("embed", "final"):
-        return []
-    kind, i = unit
-    base = f"decoder.layers.{i}." if kind == "layer" else f"mtp.layers.{i}.{mtp_inner}."
-    out = []
-    for mod in _EXTRA_STATE_ROLES[role]:
-        if role.startswith("experts"):
-            out += [f"{base}{mod}._extra_state/shard_{e}_{cfg.num_experts}" for e in range(cfg.num_experts)]
-        else:
-            out.append(f"{base}{mod}._extra_state/shard_0_1")
-    return out
+def _expected_hf(cfg: LingConfig, mtp: bool) -> dict[str, tuple]:
+    return {name: tuple(shape) for unit in M.units(cfg, mtp=mtp) for role in M.layer_roles(cfg, unit)
+            for name, shape in M.hf_names(cfg, unit, role)}
 
 
 def from_hf(hf_dir: str, out_dir: str, dtype: str = "auto", mtp: str = "keep", force: bool = False,
@@ -89,8 +60,7 @@ def from_hf(hf_dir: str, out_dir: str, dtype: str = "auto", mtp: str = "keep", f
     reader = HFReader(hf_dir)
 
     L = cfg.num_hidden_layers
-    has_mtp = any(re.match(rf"model\.layers\.{L + j}\.", n) for n in reader.meta
-                  for j in range(max(cfg.num_nextn_predict_layers, 1)))
+    has_mtp = any(M.is_mtp_hf_name(cfg, n) for n in reader.meta)
     if cfg.num_nextn_predict_layers and not has_mtp and mtp == "keep":
         raise LingConfigError(f"hf: config.json has num_nextn_predict_layers={cfg.num_nextn_predict_layers} but "
                               f"there are no model.layers.{L}.* tensors; pass --mtp drop to import without MTP")
@@ -99,7 +69,7 @@ def from_hf(hf_dir: str, out_dir: str, dtype: str = "auto", mtp: str = "keep", f
         cfg = cfg.replace(num_nextn_predict_layers=0)
 
     # validate names and shapes against config.json before writing anything
-    expected = _expected_hf(cfg, keep_mtp, set())
+    expected = _expected_hf(cfg, keep_mtp)
     scales = {n for n in reader.meta if n.endswith("_scale_inv")}
     for n in sorted(reader.meta):
         if n in scales:
@@ -108,7 +78,7 @@ def from_hf(hf_dir: str, out_dir: str, dtype: str = "auto", mtp: str = "keep", f
                                       f"this config.json")
             continue
         if n not in expected:
-            if not keep_mtp and re.match(rf"model\.layers\.(\d+)\.", n) and int(n.split(".")[2]) >= L:
+            if not keep_mtp and M.is_mtp_hf_name(cfg, n):
                 continue  # MTP layer left out on request
             raise LingConfigError(f"hf: unknown tensor {n!r}; it does not belong to a Ling 2.0 model with this "
                                   f"config.json (num_hidden_layers={L}, first_k_dense_replace="
@@ -123,16 +93,15 @@ def from_hf(hf_dir: str, out_dir: str, dtype: str = "auto", mtp: str = "keep", f
 
     total = sum(nbytes(reader.meta[n][1], reader.meta[n][2]) for n in expected)
     tp = Throughput()
-    mtp_inner = N.MTP_INNER[0]
     with atomic_dir(out_dir, force) as tmp:
-        d = iteration_dir(tmp, 0)
+        d = layout.iteration_dir(tmp, 0)
         writer = TorchDistWriter(d, file_size=file_size)
         bar = progress(total, "from-hf", show_progress)
         count = 0
-        for unit in N.units(cfg, mtp=keep_mtp):
-            for role in N.layer_roles(cfg, unit):
+        for unit in M.units(cfg, mtp=keep_mtp):
+            for role in M.layer_roles(cfg, unit):
                 ts = []
-                for name, _ in N.hf_names(cfg, unit, role):
+                for name, _ in M.hf_names(cfg, unit, role):
                     src_dtype = reader.meta[name][2]
                     want = (torch.float32 if role == "expert_bias" else
                             _TORCH.get(dtype) or (torch.bfloat16 if src_dtype == torch.float8_e4m3fn else None))
@@ -142,21 +111,18 @@ def from_hf(hf_dir: str, out_dir: str, dtype: str = "auto", mtp: str = "keep", f
                     bar.update(b)
                     ts.append(t)
                 out_dtype = torch.float32 if role == "expert_bias" else ts[0].dtype
-                writer.add_chunks(N.megatron_key(unit, role, mtp_inner), N.megatron_shape(cfg, role), out_dtype,
-                                  N.role_chunks_from_hf(cfg, role, ts))
+                writer.add_chunks(M.megatron_key(unit, role), M.megatron_shape(cfg, role), out_dtype,
+                                  M.role_chunks_from_hf(cfg, role, ts))
                 del ts
                 count += 1
-                for k in _extra_state_keys(cfg, unit, role, mtp_inner):
+                for k in M.extra_state_keys(cfg, unit, role):
                     writer.add_object(k, None)
-                if unit not in ("embed", "final") and unit[0] == "mtp" and role == "eh_proj":
-                    writer.add_object(f"mtp.layers.{unit[1]}.eh_proj._extra_state/shard_0_1", None)
         bar.close()
         reader.close()
         common = {"ling_config": cfg.to_hf_dict(), "iteration": 0, "model_only": True,
                   "converted_from": os.path.abspath(hf_dir)}
         writer.close(common)
         tp.written = writer.bytes_written
-        with open(os.path.join(tmp, TRACKER), "w") as f:
-            f.write("0")
+        layout.write_tracker(tmp, 0)
     return FromHFResult(os.path.abspath(out_dir), count, tp.written,
                         tp.summary(f"from-hf {hf_dir} -> {out_dir}"))

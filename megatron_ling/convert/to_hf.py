@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_ling.convert import names as N
+from megatron_ling.convert import mapping as M
 from megatron_ling.convert.common import DTYPES, Throughput, atomic_dir, check_output, progress
 from megatron_ling.convert.hf_io import (
     FP8_QUANT_CONFIG,
@@ -46,7 +46,7 @@ def index_checkpoint(reader: TorchDistReader, cfg: LingConfig) -> dict:
     """(unit, role) -> torch_dist key, after checking the keys and shapes against ``cfg``."""
     found: dict = {}
     for key in sorted(reader.tensors):
-        slot = N.classify(key)
+        slot = M.classify(key)
         if slot is None:
             continue
         k = (slot.unit, slot.role)
@@ -54,7 +54,7 @@ def index_checkpoint(reader: TorchDistReader, cfg: LingConfig) -> dict:
             raise LingConfigError(f"checkpoint: tensors {found[k]!r} and {key!r} are the same weight "
                                   f"under two spellings; the checkpoint is inconsistent")
         found[k] = key
-    expected = {(u, r) for u in N.units(cfg) for r in N.layer_roles(cfg, u)}
+    expected = {(u, r) for u in M.units(cfg) for r in M.layer_roles(cfg, u)}
     extra = sorted(set(found) - expected, key=str)
     if extra:
         u, r = extra[0]
@@ -66,11 +66,11 @@ def index_checkpoint(reader: TorchDistReader, cfg: LingConfig) -> dict:
     missing = sorted(expected - set(found), key=str)
     if missing:
         u, r = missing[0]
-        raise LingConfigError(f"checkpoint: no tensor for {N.megatron_key(u, r)!r} (and {len(missing) - 1} more) "
+        raise LingConfigError(f"checkpoint: no tensor for {M.megatron_key(u, r)!r} (and {len(missing) - 1} more) "
                               f"although the model config needs it; the config does not match the checkpoint "
                               f"or the checkpoint is incomplete")
     for (u, r), key in found.items():
-        want = N.megatron_shape(cfg, r)
+        want = M.megatron_shape(cfg, r)
         if reader.shape(key) != want:
             raise LingConfigError(f"checkpoint: tensor {key!r} has shape {list(reader.shape(key))} but the "
                                   f"model config implies {list(want)}; the config does not match the tensors")
@@ -124,11 +124,11 @@ def to_hf(ckpt_dir: str, out_dir: str, dtype: str = "bf16", mtp: str = "keep", s
     # plan every output tensor (names, shapes, dtypes) before reading any weight
     wdtype = torch.bfloat16 if dtype == "fp8" else _TORCH[dtype]
     plan, work = [], []
-    for unit in N.units(cfg, mtp=keep_mtp):
-        roles = N.layer_roles(cfg, unit)
+    for unit in M.units(cfg, mtp=keep_mtp):
+        roles = M.layer_roles(cfg, unit)
         items = []
         for role in roles:
-            for name, shape in N.hf_names(cfg, unit, role):
+            for name, shape in M.hf_names(cfg, unit, role):
                 if role == "expert_bias":
                     plan.append((name, shape, torch.float32))  # FACTS §2: always fp32
                 elif dtype == "fp8" and fp8_eligible(name, shape):
@@ -149,7 +149,7 @@ def to_hf(ckpt_dir: str, out_dir: str, dtype: str = "bf16", mtp: str = "keep", s
                 key = keys[(unit, role)]
                 t = reader.read(key)
                 tp.read += t.numel() * t.element_size()
-                for (name, _), w in zip(N.hf_names(cfg, unit, role), N.role_to_hf(cfg, role, t)):
+                for (name, _), w in zip(M.hf_names(cfg, unit, role), M.role_to_hf(cfg, role, t)):
                     if planned[name] == torch.float8_e4m3fn:
                         q, s = fp8_quantize(w)
                         parts = [(name, q), (name + "_scale_inv", s)]

@@ -35,35 +35,11 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import LoadPlan
 
+from megatron_ling.checkpoint import layout
 from megatron_ling.errors import LingConfigError
 
-TRACKER = "latest_checkpointed_iteration.txt"
 MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                      "common_backend": "torch", "common_backend_version": 1}
-
-
-def iteration_dir(root: str, iteration: int | str) -> str:
-    return os.path.join(root, "release" if iteration == "release" else f"iter_{int(iteration):07d}")
-
-
-def resolve_checkpoint(path: str) -> str:
-    """CKPT_DIR (with Megatron's tracker file) or one ``iter_*`` directory -> the torch_dist dir."""
-    if not os.path.isdir(path):
-        raise LingConfigError(f"checkpoint: {path} is not a directory; pass a megatron-ling checkpoint "
-                              f"directory (with {TRACKER}) or one of its iter_* directories")
-    if os.path.exists(os.path.join(path, ".metadata")):
-        return path
-    tracker = os.path.join(path, TRACKER)
-    if not os.path.exists(tracker):
-        raise LingConfigError(f"checkpoint: {path} has neither {TRACKER} nor a torch_dist .metadata; "
-                              f"pass a megatron-ling checkpoint directory or an iter_* directory")
-    with open(tracker) as f:
-        it = f.read().strip()
-    d = iteration_dir(path, it if it == "release" else int(it))
-    if not os.path.exists(os.path.join(d, ".metadata")):
-        raise LingConfigError(f"checkpoint: {TRACKER} names iteration {it} but {d}/.metadata is missing "
-                              f"(incomplete save?); pass an existing iter_* directory")
-    return d
 
 
 class _Sink:
@@ -87,7 +63,7 @@ class _Sink:
 
 class TorchDistReader:
     def __init__(self, path: str):
-        self.path = resolve_checkpoint(path)
+        self.path = layout.resolve(path)
         self._reader = FileSystemReader(self.path)
         try:
             self.metadata: Metadata = self._reader.read_metadata()
@@ -115,14 +91,7 @@ class TorchDistReader:
                                       f"needs {end}); copy it again or pick another iteration")
 
     def common_state(self) -> dict:
-        p = os.path.join(self.path, "common.pt")
-        if not os.path.exists(p):
-            return {}
-        try:
-            return torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise LingConfigError(f"checkpoint: cannot load {p} with weights_only=True ({type(e).__name__}); "
-                                  f"it holds objects other than plain data") from None
+        return layout.read_common_state(self.path)
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.tensors[key].size)
@@ -267,7 +236,7 @@ class TorchDistWriter:
             os.fsync(self._f.fileno())
             self._f.close()
             self._f = None
-        torch.save(common, os.path.join(self.path, "common.pt"))
+        layout.write_common_state(self.path, common)
         with open(os.path.join(self.path, "metadata.json"), "w") as f:
             json.dump(MEGATRON_METADATA, f)
         md = Metadata(state_dict_metadata=self.state_dict_metadata, planner_data=None,

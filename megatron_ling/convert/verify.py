@@ -9,16 +9,12 @@ layers (HF layers >= L) left out since HF inference does not run them.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
-from megatron_ling.convert.torch_dist import resolve_checkpoint
+from megatron_ling.checkpoint import layout
 from megatron_ling.errors import LingConfigError
 from megatron_ling.models.config import LingConfig
-from megatron_ling.utils import free_port as _free_port
-
-
 
 
 @contextlib.contextmanager
@@ -28,12 +24,10 @@ def single_process_megatron():
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_ling import compat
+    from megatron_ling.training.setup import init_single_process
 
-    compat.install()
     own = not dist.is_initialized()
-    if own:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    init_single_process(cpu_threads=None)
     ps.initialize_model_parallel()
     model_parallel_cuda_manual_seed(1234)
     try:
@@ -48,13 +42,12 @@ def load_megatron_model(ckpt_dir: str, cfg: LingConfig | None = None):
     """Build the fp32 TP1 model and load ``ckpt_dir`` into it (inside ``single_process_megatron``)."""
     from megatron.core import dist_checkpointing
 
-    from megatron_ling.convert.torch_dist import TorchDistReader
     from megatron_ling.models.builder import build_ling_model
     from megatron_ling.models.megatron_config import to_transformer_config
 
-    path = resolve_checkpoint(ckpt_dir)
+    path = layout.resolve(ckpt_dir)
     if cfg is None:
-        d = TorchDistReader(path).common_state().get("ling_config")
+        d = layout.read_common_state(path).get("ling_config")
         if not isinstance(d, dict):
             raise LingConfigError(f"verify: {path}/common.pt has no 'ling_config'")
         cfg = LingConfig.from_hf_dict(d)
@@ -142,26 +135,13 @@ def _megatron_logits(ckpt_dir: str, ids: torch.Tensor):
     return cfg.to_hf_dict(), logits
 
 
-def _megatron_logits_rank(ctx, ckpt_dir, ids):
-    return _megatron_logits(ckpt_dir, ids)
-
-
-def verify(ckpt_dir: str, hf_dir: str, seq_len: int = 32, batch: int = 2, seed: int = 0,
-           isolate: bool = False) -> dict:
+def verify(ckpt_dir: str, hf_dir: str, seq_len: int = 32, batch: int = 2, seed: int = 0) -> dict:
     """max |Δ logits| between the megatron checkpoint and the HF directory on random tokens.
-
-    ``isolate``: run the megatron side in a forked rank of ``megatron_ling.testing`` (used by the
-    tests, so that the compat patches and the process group never touch the pytest process)."""
+    Single process: it installs the compat patches and a 1-rank process group in this process."""
     cfg_hf = LingConfig.from_hf_config(hf_dir)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg_hf.vocab_size, (batch, seq_len), generator=g)
-    if isolate:
-        from megatron_ling.testing import run_ranks
-
-        cfg_d, mlogits = run_ranks(_megatron_logits_rank, 1, dict(ckpt_dir=os.path.abspath(ckpt_dir), ids=ids),
-                                   prepare=False, timeout_s=300)[0]
-    else:
-        cfg_d, mlogits = _megatron_logits(ckpt_dir, ids)
+    cfg_d, mlogits = _megatron_logits(ckpt_dir, ids)
     if cfg_d["vocab_size"] != cfg_hf.vocab_size or cfg_d["hidden_size"] != cfg_hf.hidden_size:
         raise LingConfigError("verify: the checkpoint and the HF directory are different models "
                               "(vocab_size/hidden_size differ)")

@@ -15,6 +15,7 @@ _LAZY = {
     "resolve_data_config": "megatron_ling.data.datasets",
     "get_batch_iterator": "megatron_ling.data.datasets",
     "LingGPTDataset": "megatron_ling.data.datasets",
+    "random_microbatch": "megatron_ling.data.random_batches",
 }
 
 __all__ = ["DataConfig", *_LAZY]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_ling.errors import LingConfigError
+from megatron_ling.errors import cli_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,17 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_ling.data.preprocess import preprocess
 
-    try:
-        res = preprocess(args.input, args.output_prefix, args.tokenizer, json_key=args.json_key,
-                         append_eod=args.append_eod, workers=args.workers, force=args.force,
-                         progress=not args.no_progress, cache_dir=args.cache_dir)
-    except LingConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    res = preprocess(args.input, args.output_prefix, args.tokenizer, json_key=args.json_key,
+                     append_eod=args.append_eod, workers=args.workers, force=args.force,
+                     progress=not args.no_progress, cache_dir=args.cache_dir)
     print(f"wrote {res.prefix}.bin/.idx: {res.num_documents} documents, {res.num_tokens} tokens, "
           f"dtype {res.dtype}" + (f", {res.num_empty_skipped} empty documents skipped" if res.num_empty_skipped else ""))
     return 0

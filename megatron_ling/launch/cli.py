@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from megatron_ling.errors import LingConfigError
+from megatron_ling.errors import LingConfigError, cli_main
 from megatron_ling.launch import slurmctl
 from megatron_ling.launch.spec import SlurmJobSpec, parse_env
 
@@ -231,6 +231,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+@cli_main(errors=(slurmctl.SlurmError,))
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if hasattr(signal, "SIGPIPE"):
@@ -243,19 +244,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    try:
-        if args.command == "submit":
-            return cmd_submit(args, argv)
-        if args.command == "resubmit":
-            return cmd_resubmit(args)
-        if args.command == "status":
-            return cmd_status(args)
-        if args.command == "logs":
-            return cmd_logs(args)
-        return cmd_cancel(args)
-    except (LingConfigError, slurmctl.SlurmError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "submit":
+        return cmd_submit(args, argv)
+    if args.command == "resubmit":
+        return cmd_resubmit(args)
+    if args.command == "status":
+        return cmd_status(args)
+    if args.command == "logs":
+        return cmd_logs(args)
+    return cmd_cancel(args)
 
 
 if __name__ == "__main__":

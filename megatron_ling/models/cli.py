@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_ling.errors import LingConfigError
+from megatron_ling.errors import cli_main
 
 
+@cli_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="ling-params", description=__doc__)
     g = p.add_mutually_exclusive_group(required=True)
@@ -16,12 +17,8 @@ def main(argv=None) -> int:
     from megatron_ling.models.config import LingConfig, get_preset
     from megatron_ling.models.params import count_parameters, format_count
 
-    try:
-        cfg = get_preset(args.preset) if args.preset else LingConfig.from_hf_config(args.hf_config)
-        cfg.validate()
-    except LingConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = get_preset(args.preset) if args.preset else LingConfig.from_hf_config(args.hf_config)
+    cfg.validate()
     print(f"{'':22s}{'total':>12s}{'active':>12s}")
     for mtp in (False, True):
         c = count_parameters(cfg, include_mtp=mtp)

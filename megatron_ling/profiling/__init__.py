@@ -1,9 +1,7 @@
-"""Heterogeneous pipeline scheduling for Ling 2.0: cost model, megatron-core schedule simulator,
-layout planner (``ling-plan``) and the bubble profiler / report (``ling-bubbles``).
+"""Measuring pipelines on top of the trainer: the profiled-run and calibration driver
+(``ling-plan calibrate / measure``), the bubble report (``ling-bubbles``) and their CLIs.
 
-Trainer API::
-
-    from megatron_ling.profiling.planner import plan_layout         # parallel.pipeline_layout: auto
-    from megatron_ling.profiling.config import ProfilingConfig      # recipe section `profiling`
-    from megatron_ling.profiling.recorder import PipelineProfiler   # with profiler.step(it, chunks): ...
+The pure scheduling parts (cost model, simulator, planner, timelines, the profile file format)
+live in ``megatron_ling.pipeline``; the recorder that hooks megatron-core's schedules during
+training is ``megatron_ling.training.profiler``.
 """

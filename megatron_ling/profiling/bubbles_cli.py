@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_ling.errors import LingConfigError
+from megatron_ling.errors import cli_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,19 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.cmd == "report":
-            from megatron_ling.profiling.report import write_report
+    if args.cmd == "report":
+        from megatron_ling.profiling.report import write_report
 
-            res = write_report(args.run_dir, out=args.out, iteration=args.iteration, calibration=args.calibration,
-                               force=args.force, png=not args.no_png)
-            print(res["text"])
-            print(f"\nwrote {res['out']}/{{report.txt,report.json,trace.json{',timeline.png' if not args.no_png else ''}}}")
-    except LingConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        res = write_report(args.run_dir, out=args.out, iteration=args.iteration, calibration=args.calibration,
+                           force=args.force, png=not args.no_png)
+        print(res["text"])
+        print(f"\nwrote {res['out']}/{{report.txt,report.json,trace.json{',timeline.png' if not args.no_png else ''}}}")
     return 0
 
 

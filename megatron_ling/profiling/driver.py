@@ -13,6 +13,7 @@ against reality, and how ``ling-plan calibrate`` / ``ling-plan measure`` work.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import statistics
@@ -22,23 +23,14 @@ from typing import Optional
 
 import torch
 
+from megatron_ling.data.random_batches import random_microbatch
+from megatron_ling.local_launch import run_local
 from megatron_ling.models.config import LingConfig
-from megatron_ling.profiling.costmodel import Calibration, CostModel, CostOptions
-from megatron_ling.utils import free_port as _free_port
+from megatron_ling.pipeline.costmodel import Calibration, CostModel, CostOptions
 
 
 def make_microbatches(ling: LingConfig, num: int, seq_length: int, micro_batch_size: int, seed: int = 0) -> list:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(num):
-        tokens = torch.randint(0, ling.vocab_size, (micro_batch_size, seq_length + 1), generator=g)
-        out.append({
-            "tokens": tokens[:, :-1].contiguous(),
-            "labels": tokens[:, 1:].contiguous(),
-            "loss_mask": torch.ones(micro_batch_size, seq_length),
-            "position_ids": torch.arange(seq_length).unsqueeze(0).expand(micro_batch_size, -1).contiguous(),
-        })
-    return out
+    return [random_microbatch(seed * 1000 + i, micro_batch_size, seq_length, ling.vocab_size) for i in range(num)]
 
 
 def renice(niceness: Optional[int]) -> None:
@@ -50,17 +42,6 @@ def renice(niceness: Optional[int]) -> None:
             os.nice(niceness)
         except OSError:
             pass
-
-
-def _init_single_process():
-    """A 1-rank gloo world for building Megatron modules in this process (if none exists)."""
-    from megatron_ling.training.setup import init_distributed, prepare_process
-
-    prepare_process(cpu_threads=1)
-    if not torch.distributed.is_initialized():
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
-        init_distributed(timeout_s=120)
 
 
 # --------------------------------------------------------------------------- calibration
@@ -78,11 +59,11 @@ def calibrate(ling: LingConfig, seq_length: int, micro_batch_size: int, reps: in
     from megatron_ling.models.builder import build_ling_model
     from megatron_ling.models.megatron_config import to_transformer_config
     from megatron_ling.parallel.config import ParallelConfig
-    from megatron_ling.training.setup import init_model_parallel
+    from megatron_ling.training.setup import init_model_parallel, init_single_process
 
-    _init_single_process()
+    init_single_process(cpu_threads=1)
     torch.set_num_threads(threads)
-    init_model_parallel(ParallelConfig())
+    init_model_parallel(ParallelConfig(), ling)
     tf = to_transformer_config(ling, ParallelConfig())
     model = build_ling_model(ling, tf, pre_process=True, post_process=True, max_sequence_length=seq_length)
     mb = make_microbatches(ling, 1, seq_length, micro_batch_size)[0]
@@ -167,7 +148,6 @@ def calibrate(ling: LingConfig, seq_length: int, micro_batch_size: int, reps: in
 def _calibrate_worker(rank: int, world: int, port: int, ling_d: dict, seq_length: int, micro_batch_size: int,
                       reps: int, threads: int, out_path: str, niceness: Optional[int] = None):
     renice(niceness)
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     ling = LingConfig.from_hf_dict(ling_d)
     cal = calibrate(ling, seq_length, micro_batch_size, reps=reps, threads=threads)
     cal.meta["model"] = ling_d
@@ -178,7 +158,7 @@ def _calibrate_worker(rank: int, world: int, port: int, ling_d: dict, seq_length
 def calibrate_local(ling: LingConfig, seq_length: int, micro_batch_size: int, out_path: str, reps: int = 5,
                     threads: int = 1, timeout_s: float = 300.0, niceness: Optional[int] = None) -> Calibration:
     """``calibrate`` in a forked child process (keeps this process free of a process group)."""
-    launch_local(_calibrate_worker, 1, (ling.to_hf_dict(), seq_length, micro_batch_size, reps, threads, out_path,
+    run_local(_calibrate_worker, 1, (ling.to_hf_dict(), seq_length, micro_batch_size, reps, threads, out_path,
                                         niceness), timeout_s=timeout_s)
     return Calibration.load(out_path)
 
@@ -198,79 +178,54 @@ class MeasureSpec:
     niceness: Optional[int] = None
 
 
-def _measure_worker(rank: int, world: int, port: int, spec_d: dict):
+def layout_recipe(spec: MeasureSpec, i: int, model_config: str):
+    """The training recipe of layout ``i``: mock data, no checkpoints, the bubble profiler on every
+    step after the first (a warm-up), profiles in ``out_dir/<i>/bubbles``."""
+    from megatron_ling.parallel.layout import expand
+    from megatron_ling.training.recipe import recipe_from_dict
+
+    layout = spec.layouts[i]
+    vpp = len(expand(layout)) // spec.pp
+    return recipe_from_dict(dict(
+        run_dir=os.path.join(spec.out_dir, str(i)), model=dict(preset=None, hf_config=model_config),
+        parallel=dict(pp=spec.pp, vpp=vpp if vpp > 1 else None, pipeline_layout=layout),
+        training=dict(train_iters=1 + spec.steps, micro_batch_size=spec.micro_batch_size,
+                      global_batch_size=spec.micro_batch_size * spec.num_microbatches, seq_length=spec.seq_length),
+        data=dict(mock=True), checkpoint=dict(resume="none", save=False),
+        profiling=dict(enabled=True, steps=list(range(2, 2 + spec.steps)))))
+
+
+def _measure_worker(rank: int, world: int, port: int, spec_d: dict, model_config: str):
     from megatron.core import parallel_state as ps
 
-    from megatron_ling.parallel.config import ParallelConfig
-    from megatron_ling.profiling.config import ProfilingConfig
-    from megatron_ling.profiling.recorder import PipelineProfiler
-    from megatron_ling.training.setup import build_model, init_distributed, init_model_parallel, prepare_process
-    from megatron_ling.training.step import run_forward_backward
+    from megatron_ling.parallel.layout import embedding_pp_ranks, expand
+    from megatron_ling.training.trainer import pipeline_profiler, setup
 
     spec = MeasureSpec(**spec_d)
     renice(spec.niceness)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    prepare_process(cpu_threads=spec.threads)
-    torch.set_num_threads(spec.threads)
-    init_distributed(timeout_s=120)
+    os.environ["LING_CPU_THREADS"] = str(spec.threads)
     ling = LingConfig.from_hf_dict(spec.ling)
-    from megatron_ling.models.options import ModelOptions
-
-    from megatron_ling.parallel.layout import embedding_pp_ranks, expand
-
-    mbs = make_microbatches(ling, spec.num_microbatches, spec.seq_length, spec.micro_batch_size)
     groups: dict = {}
     for i, layout in enumerate(spec.layouts):
         # megatron's parallel state depends on the VPP size and on which stages share the word
         # embedding (a standalone MTP stage does; see parallel/layout.embedding_pp_ranks)
         key = (len(expand(layout)) // spec.pp, tuple(embedding_pp_ranks(layout, spec.pp, ling.tie_word_embeddings)))
-        groups.setdefault(key, []).append((i, layout))
-    for (vpp, _), items in groups.items():
-        # Layouts that share megatron's parallel state are built up front and stepped round-robin:
-        # load drift on a shared machine then hits every layout alike instead of whichever happened
-        # to run during it.
-        par0 = ParallelConfig(pp=spec.pp, vpp=vpp if vpp > 1 else None, pipeline_layout=items[0][1])
-        init_model_parallel(par0, tied_embeddings=ling.tie_word_embeddings)
-        runs = []
-        for i, layout in items:
-            par = ParallelConfig(pp=spec.pp, vpp=par0.vpp, pipeline_layout=layout)
-            bundle = build_model(ling, par, ModelOptions(), ddp=False, init_seed=1234,
-                                 tf_overrides={"batch_p2p_comm": vpp == 1})
-            prof = PipelineProfiler(
-                ProfilingConfig(enabled=True, steps=list(range(2, 2 + spec.steps))), os.path.join(spec.out_dir, f"{i}"),
-                meta={"layout": layout, "pp": spec.pp, "vpp": vpp, "seq_length": spec.seq_length,
-                      "micro_batch_size": spec.micro_batch_size, "num_microbatches": spec.num_microbatches,
-                      "ling": spec.ling})
-            runs.append((bundle, prof))
+        groups.setdefault(key, []).append(i)
+    for items in groups.values():
+        # Layouts that share megatron's parallel state are set up together and stepped round-robin
+        # (each on the same batches): load drift on a shared machine then hits every layout alike
+        # instead of whichever happened to run during it.
+        sessions = [setup(layout_recipe(spec, i, model_config)) for i in items]
+        mbs = sessions[0].next_microbatches()
+        runs = [(s, pipeline_profiler(s)) for s in sessions]
         for it in range(1, 2 + spec.steps):
-            for bundle, prof in runs:
-                with prof.step(it, bundle.chunks):
-                    run_forward_backward(bundle, mbs, spec.seq_length, spec.micro_batch_size)
-                for c in bundle.chunks:
-                    c.zero_grad(set_to_none=True)
-        del runs
+            for s, prof in runs:
+                with prof.step(it, s.bundle.chunks):
+                    s.step(mbs)
+        del runs, sessions
         torch.distributed.barrier()
         ps.destroy_model_parallel()
     torch.distributed.destroy_process_group()
-
-
-def launch_local(fn, world: int, args: tuple = (), timeout_s: float = 300.0) -> None:
-    """Run ``fn(rank, world, port, *args)`` in ``world`` forked processes; kill them all and raise
-    on timeout or on the first failure."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(fn, args=(world, _free_port()) + tuple(args), nprocs=world,
-                             start_method="fork", join=False)
-    deadline = time.time() + timeout_s
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.time() > deadline:
-                raise TimeoutError(f"local run did not finish within {timeout_s:.0f} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
 
 
 def measure_layouts(ling: LingConfig, pp: int, layouts: list, seq_length: int, micro_batch_size: int,
@@ -279,15 +234,19 @@ def measure_layouts(ling: LingConfig, pp: int, layouts: list, seq_length: int, m
     """Run every layout for real on ``pp`` local ranks; returns, per layout, a dict with the
     layout, its run directory and the fastest / median measured iteration time (pipeline span)."""
     from megatron_ling.parallel.layout import check_layout
-    from megatron_ling.profiling.analysis import load_run
+    from megatron_ling.pipeline.profile import load_run
 
     for lay in layouts:
         check_layout(lay, pp, ling.num_hidden_layers, ling.num_nextn_predict_layers)
     os.makedirs(out_dir, exist_ok=True)
+    model_config = os.path.join(out_dir, "config.json")  # the model every layout's recipe builds
+    with open(model_config + ".tmp", "w") as f:
+        json.dump(ling.to_hf_dict(), f, indent=2)
+    os.replace(model_config + ".tmp", model_config)
     spec = MeasureSpec(ling=ling.to_hf_dict(), pp=pp, layouts=list(layouts), seq_length=seq_length,
                        micro_batch_size=micro_batch_size, num_microbatches=num_microbatches, steps=steps,
                        out_dir=out_dir, threads=threads, niceness=niceness)
-    launch_local(_measure_worker, pp, (asdict(spec),), timeout_s=timeout_s)
+    run_local(_measure_worker, pp, (asdict(spec), model_config), timeout_s=timeout_s)
     res = []
     for i, lay in enumerate(layouts):
         run = load_run(os.path.join(out_dir, str(i)))

@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from megatron_ling.errors import LingConfigError
+from megatron_ling.errors import LingConfigError, cli_main
 
 GiB = 1024 ** 3
 
@@ -115,8 +115,8 @@ def _fmt_eval(ev, title) -> list[str]:
 
 
 def cmd_layout(args) -> int:
-    from megatron_ling.profiling.costmodel import Calibration, CostOptions
-    from megatron_ling.profiling.planner import evaluate_layout, plan
+    from megatron_ling.pipeline.costmodel import Calibration, CostOptions
+    from megatron_ling.pipeline.planner import evaluate_layout, plan
 
     cfg = _model(args)
     opts = CostOptions(seq_length=args.seq_length, micro_batch_size=args.mbs, tp=args.tp, ep=args.ep,
@@ -186,13 +186,10 @@ def cmd_measure(args) -> int:
     return 0
 
 
+@cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return {"layout": cmd_layout, "calibrate": cmd_calibrate, "measure": cmd_measure}[args.cmd](args)
-    except LingConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return {"layout": cmd_layout, "calibrate": cmd_calibrate, "measure": cmd_measure}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ import tempfile
 from typing import Optional
 
 from megatron_ling.errors import LingConfigError
-from megatron_ling.profiling.analysis import Run, Timeline, load_run
+from megatron_ling.pipeline.profile import Run, load_run
+from megatron_ling.pipeline.simulator import predict
+from megatron_ling.pipeline.timeline import Timeline
 
 
 def _layout(run: Run) -> Optional[str]:
@@ -31,12 +33,12 @@ def prediction(run: Run, tl: Timeline, calibration: Optional[str] = None) -> dic
     """Simulator prediction. Default: calibrated from the measured run itself (median per-stage
     times). With a calibration file and the model/layout in the run's meta: from the cost model."""
     if calibration is None:
-        p = tl.predict()
+        p = predict(tl)
         p["source"] = "simulator, per-stage times calibrated from this run"
         return p
     from megatron_ling.models.config import LingConfig
     from megatron_ling.parallel.layout import expand
-    from megatron_ling.profiling.costmodel import Calibration, CostModel, CostOptions
+    from megatron_ling.pipeline.costmodel import Calibration, CostModel, CostOptions
 
     meta = dict(run.meta, layout=_layout(run))
     need = [k for k in ("ling", "layout", "seq_length", "micro_batch_size") if not meta.get(k)]
@@ -47,7 +49,7 @@ def prediction(run: Run, tl: Timeline, calibration: Optional[str] = None) -> dic
                    CostOptions(seq_length=meta["seq_length"], micro_batch_size=meta["micro_batch_size"]),
                    calibration=Calibration.load(calibration))
     st = cm.stage_costs(expand(meta["layout"]))
-    p = tl.predict(fwd_s=[s["fwd_s"] for s in st], bwd_s=[s["bwd_s"] for s in st])
+    p = predict(tl, fwd_s=[s["fwd_s"] for s in st], bwd_s=[s["bwd_s"] for s in st])
     p["source"] = f"simulator, unit costs from {calibration}"
     return p
 

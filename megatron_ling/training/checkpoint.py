@@ -1,62 +1,27 @@
 """Megatron-Core torch_dist checkpoints with the model config and recipe inside.
 
-Layout (Megatron-LM compatible names):
-
-    CKPT_DIR/iter_0000010/                   dist_checkpointing (torch_dist) files + common.pt
-    CKPT_DIR/latest_checkpointed_iteration.txt  written last, atomically, after every rank finished
-
-A save goes to ``iter_XXXXXXX.tmp`` and is renamed when every rank is done, so a job killed
+The directory layout (iteration dirs, tracker, ``.tmp`` -> rename) is ``megatron_ling.checkpoint.layout``'s:
+a save goes to ``iter_XXXXXXX.tmp`` and is renamed when every rank is done, so a job killed
 during a save leaves the previous checkpoint as the latest complete one. The common state holds
 plain types only (loaded with torch.load(weights_only=True)): iteration, consumed_samples,
 ling_config (HF config.json dict), recipe, parallel layout, LR scheduler state, version.
 """
 from __future__ import annotations
 
-import os
-import re
-import shutil
 from typing import Optional
 
 import torch
 
+from megatron_ling.checkpoint import layout
 from megatron_ling.errors import LingConfigError
 from megatron_ling.version import __version__
 
-TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_FORMAT = 1
-_ITER_RE = re.compile(r"^iter_(\d{7})$")
 
 
-def checkpoint_path(ckpt_dir: str, iteration: int) -> str:
-    return os.path.join(ckpt_dir, f"iter_{iteration:07d}")
-
-
-def latest_iteration(ckpt_dir: str) -> Optional[int]:
-    """Iteration named by the tracker file, if it and its directory exist (else None)."""
-    tracker = os.path.join(ckpt_dir, TRACKER)
-    if not os.path.isfile(tracker):
-        return None
-    text = open(tracker).read().strip()
-    if not text.isdigit():
-        raise LingConfigError(f"checkpoint.dir: tracker {tracker} holds {text!r}, not an iteration number")
-    it = int(text)
-    if not os.path.isdir(checkpoint_path(ckpt_dir, it)):
-        raise LingConfigError(f"checkpoint.dir: tracker names iteration {it} but {checkpoint_path(ckpt_dir, it)} "
-                              f"is missing")
-    return it
-
-
-def resolve_load_path(path: str) -> str:
-    """A checkpoint root (with a tracker) or one iter_XXXXXXX directory -> the directory to load."""
-    if os.path.isfile(os.path.join(path, "metadata.json")) or os.path.isfile(os.path.join(path, "common.pt")):
-        return path
-    it = latest_iteration(path)
-    if it is None:
-        raise LingConfigError(f"checkpoint.resume: {path} holds neither a checkpoint nor a {TRACKER}")
-    return checkpoint_path(path, it)
-
-
-def _model_sharded_state_dict(bundle) -> dict:
+def model_sharded_state_dict(bundle) -> dict:
+    """The sharded state dict of every model chunk under the keys a checkpoint stores them at
+    (``model``, or ``model0``.. with virtual stages); its tensors are the chunks' own."""
     from megatron.core import parallel_state as ps
 
     # dp_cp_group metadata is required when MTP sits on a non-first pipeline stage
@@ -90,14 +55,11 @@ def save_checkpoint(bundle, optimizer, lr_scheduler, ckpt_dir: str, iteration: i
     """Save model (+ optimizer, + scheduler) at ``iteration``. Collective: call on every rank."""
     from megatron.core import dist_checkpointing
 
-    final = checkpoint_path(ckpt_dir, iteration)
-    tmp = final + ".tmp"
     if _rank() == 0:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # a save that was killed earlier
-        os.makedirs(tmp)
+        layout.begin_save(ckpt_dir, iteration)  # also removes a save that was killed earlier
     _barrier()
-    state = _model_sharded_state_dict(bundle)
+    tmp = layout.tmp_dir(layout.iteration_dir(ckpt_dir, iteration))
+    state = model_sharded_state_dict(bundle)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False, metadata=_optimizer_metadata())
     state.update(
@@ -113,36 +75,11 @@ def save_checkpoint(bundle, optimizer, lr_scheduler, ckpt_dir: str, iteration: i
     dist_checkpointing.save(state, tmp, sharded_strategy=("torch_dist", 1))
     _barrier()
     if _rank() == 0:
-        if os.path.exists(final):
-            shutil.rmtree(final)  # re-saving the same iteration (e.g. after a resume)
-        os.replace(tmp, final)
-        _write_tracker(ckpt_dir, iteration)
+        layout.commit_save(ckpt_dir, iteration)
         if keep_last:
-            _prune(ckpt_dir, keep_last)
+            layout.prune(ckpt_dir, keep_last)
     _barrier()
-    return final
-
-
-def _write_tracker(ckpt_dir: str, iteration: int) -> None:
-    tmp = os.path.join(ckpt_dir, TRACKER + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(str(iteration))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(ckpt_dir, TRACKER))
-
-
-def _prune(ckpt_dir: str, keep_last: int) -> None:
-    its = sorted(int(m.group(1)) for d in os.listdir(ckpt_dir) if (m := _ITER_RE.match(d)))
-    for it in its[:-keep_last]:
-        shutil.rmtree(checkpoint_path(ckpt_dir, it), ignore_errors=True)
-
-
-def read_common_state(path: str) -> dict:
-    """The common (non-sharded) state of a checkpoint: iteration, ling_config, recipe, ..."""
-    from megatron.core import dist_checkpointing
-
-    return dist_checkpointing.load_common_state_dict(resolve_load_path(path))
+    return layout.iteration_dir(ckpt_dir, iteration)
 
 
 def _check_optimizer_reshard(saved: dict, parallel) -> None:
@@ -171,13 +108,13 @@ def load_checkpoint(bundle, optimizer, lr_scheduler, path: str, load_optimizer: 
     Returns its common state. Model weights load at any layout; see _check_optimizer_reshard."""
     from megatron.core import dist_checkpointing
 
-    path = resolve_load_path(path)
-    common = dist_checkpointing.load_common_state_dict(path)
+    path = layout.resolve(path, field="checkpoint.resume")
+    common = layout.read_common_state(path)
     has_optimizer = _has_optimizer_state(path)
     want_optimizer = load_optimizer and optimizer is not None and has_optimizer
     if want_optimizer:
         _check_optimizer_reshard(common.get("parallel") or {}, parallel)
-    state = _model_sharded_state_dict(bundle)
+    state = model_sharded_state_dict(bundle)
     if want_optimizer:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_optimizer_metadata())
     # raise_unexpected: a requested key absent from the checkpoint is an error; checkpoint keys we do

@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from megatron_ling.errors import LingConfigError
+from megatron_ling.errors import cli_main
 
 
 def parse_args(argv=None):
@@ -29,58 +29,39 @@ def _launched() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def _torchrun(nproc: int, argv: list) -> int:
-    """Re-run this CLI under torchrun (standalone rendezvous on this host)."""
-    from torch.distributed import run as torchrun
-
-    args = ["--standalone", f"--nproc_per_node={nproc}", "-m", "megatron_ling.training.cli", *argv]
-    try:
-        torchrun.main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    except Exception as e:  # ChildFailedError: the workers already printed their error
-        print(f"error: training failed ({type(e).__name__}); see the worker output above", file=sys.stderr)
-        return 1
-    return 0
+def _not_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) != 0  # every rank fails alike: rank 0 reports it
 
 
+@cli_main(quiet=_not_rank0)
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     from megatron_ling.training.recipe import load_recipe
 
     world = args.nproc_per_node if (args.nproc_per_node and not _launched()) else int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    try:
-        recipe = load_recipe(args.config, args.overrides)
-        if args.print_config:
-            print(recipe.to_yaml())
-            return 0
-        if args.check or (args.nproc_per_node and not _launched()):
-            from megatron_ling.training.trainer import preflight
+    recipe = load_recipe(args.config, args.overrides)
+    if args.print_config:
+        print(recipe.to_yaml())
+        return 0
+    if args.check or (args.nproc_per_node and not _launched()):
+        from megatron_ling.training.trainer import preflight
 
-            preflight(recipe, world)  # one clear line, before any process starts
-            if args.check:
-                print(f"recipe OK for world size {world}")
-                return 0
-    except LingConfigError as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+        preflight(recipe, world)  # one clear line, before any process starts
+        if args.check:
+            print(f"recipe OK for world size {world}")
+            return 0
     if args.nproc_per_node and not _launched():
         rest = [a for a in argv if not a.startswith("--nproc-per-node")]
         if "--nproc-per-node" in argv:
             i = argv.index("--nproc-per-node")
             rest = argv[:i] + argv[i + 2:]
-        return _torchrun(args.nproc_per_node, rest)
+        from megatron_ling.local_launch import torchrun_local
+
+        return torchrun_local(args.nproc_per_node, "megatron_ling.training.cli", rest)
     from megatron_ling.training.trainer import train
 
-    try:
-        result = train(recipe)
-    except LingConfigError as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = train(recipe)
     return 0 if result.reason in ("completed", "preempted") else 1
 
 

@@ -19,7 +19,7 @@ from megatron_ling.models.config import LingConfig, get_preset
 from megatron_ling.models.options import ModelOptions
 from megatron_ling.parallel.config import ParallelConfig
 from megatron_ling.parallel.layout import check_layout
-from megatron_ling.profiling.config import ProfilingConfig
+from megatron_ling.training.profiler import ProfilingConfig
 
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
 

@@ -46,18 +46,33 @@ def init_distributed(timeout_s: int = 600) -> None:
         timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def init_model_parallel(parallel: ParallelConfig, seed: int = 1234, tied_embeddings: bool = False) -> None:
-    """Megatron parallel state (TP/PP/VPP/EP/ETP/CP groups) and the model-parallel RNG.
+def init_single_process(cpu_threads: Optional[int] = 1) -> None:
+    """A 1-rank world in this process for building Megatron modules outside a launcher (the
+    converters' verification, the profiler's calibration): per-process settings, then a gloo/NCCL
+    group on a free local port unless one exists."""
+    from megatron_ling.utils import free_port
 
-    The embedding group holds the pipeline stages with a copy of the word embedding (see
-    ``parallel.layout.embedding_pp_ranks``): it depends on where the layout puts MTP and on
-    ``tied_embeddings`` (LingConfig.tie_word_embeddings); ``build_model`` checks that it fits."""
+    prepare_process(cpu_threads=cpu_threads)
+    if not torch.distributed.is_initialized():
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+        init_distributed(timeout_s=120)
+
+
+def init_model_parallel(parallel: ParallelConfig, ling: LingConfig, seed: int = 1234) -> None:
+    """Megatron parallel state (TP/PP/VPP/EP/ETP/CP groups) for this model, and the model-parallel RNG.
+
+    The embedding group holds the pipeline stages with a copy of the word embedding
+    (``parallel.layout.embedding_pp_ranks``): it follows from where the layout puts MTP and from
+    ``ling.tie_word_embeddings``, so it is derived here from the same two configs ``build_model``
+    builds from (megatron-core's default, first and last pp rank, is wrong for a standalone MTP
+    stage and for untied embeddings: tests/test_traps.py)."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_ling.parallel.layout import embedding_pp_ranks
+    from megatron_ling.parallel import layout
 
-    positions = embedding_pp_ranks(parallel.pipeline_layout, parallel.pp, tied_embeddings)
+    positions = layout.embedding_pp_ranks(parallel.pipeline_layout, parallel.pp, ling.tie_word_embeddings)
 
     def get_embedding_ranks(pp_ranks):
         return [pp_ranks[i] for i in positions] if len(pp_ranks) > 1 else [pp_ranks[0]]
@@ -91,36 +106,15 @@ class ModelBundle:
         return out
 
 
-def _check_embedding_group(ling: LingConfig, parallel: ParallelConfig) -> None:
-    """The embedding group made by ``init_model_parallel`` must fit this model (tied or not): a
-    wrong group silently trains a broken model (a standalone MTP stage left out: its embedding copy
-    is never synchronised; an untied last stage let in: its output layer is summed into the word
-    embedding) or hangs (megatron's all-reduce at language_module.py:245)."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_ling.errors import LingConfigError
-    from megatron_ling.parallel.layout import embedding_pp_ranks
-
-    if ps.get_pipeline_model_parallel_world_size() <= 1:
-        return
-    pp_ranks = torch.distributed.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
-    want = [pp_ranks[i] for i in embedding_pp_ranks(parallel.pipeline_layout, parallel.pp, ling.tie_word_embeddings)]
-    have = ps._EMBEDDING_GLOBAL_RANKS if torch.distributed.get_rank() in want else want
-    if sorted(have or []) != sorted(want):
-        raise LingConfigError(f"model.tie_word_embeddings={ling.tie_word_embeddings}: the embedding group "
-                              f"{have} does not fit; call init_model_parallel(..., tied_embeddings="
-                              f"{ling.tie_word_embeddings})")
-
-
 def build_model(ling: LingConfig, parallel: ParallelConfig, options: ModelOptions, ddp: bool = True,
                 tf_overrides: Optional[dict] = None, init_seed: Optional[int] = None) -> ModelBundle:
-    """Every virtual-stage chunk of this rank, optionally wrapped for bf16/fp16 and in Megatron DDP.
+    """Every virtual-stage chunk of this rank, optionally wrapped for bf16/fp16 and in Megatron DDP,
+    in the parallel state of ``init_model_parallel(parallel, ling)``.
 
     ``init_seed`` re-seeds the CPU generator before building, so that a layout's initialisation is
     reproducible (layouts still differ from each other; tests load one full set of weights)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    _check_embedding_group(ling, parallel)
     tf_config = to_transformer_config(ling, parallel, options, **(tf_overrides or {}))
     if init_seed is not None:
         torch.manual_seed(init_seed)

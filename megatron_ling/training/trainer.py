@@ -1,4 +1,8 @@
-"""The training loop: recipe -> process groups -> model/optimizer -> data -> steps -> checkpoints."""
+"""The training loop (owner): ``setup(recipe) -> Session`` (preflight, process groups, model,
+optimizer, schedule, resume state, data) and ``run(session) -> TrainResult`` (steps, logging,
+evaluation, checkpoints); ``train(recipe) = run(setup(recipe))``. Drivers that need each step
+(the profiler's measured layout runs, ``bench/train_step.py``, the fidelity tests) take
+``setup``'s session and call ``Session.step``, the step ``run`` takes."""
 from __future__ import annotations
 
 import dataclasses
@@ -37,8 +41,15 @@ def preflight(recipe: Recipe, world_size: int):
     if recipe.parallel.cp > 1 and not te_available():
         raise LingConfigError("parallel.cp: context parallelism needs Transformer Engine attention on GPUs; set cp: 1")
     data_cfg = resolve_data_config(recipe.data)
-    tokenizer = None
-    if not data_cfg.mock:
+    if data_cfg.mock:
+        # megatron's synthetic documents need a tokenizer only for eod, pad and its uniqueness key:
+        # megatron-core's NullTokenizer over the model's vocabulary (Megatron-LM's choice for mock
+        # data), padding with eod as Ling's tokenizer does (pad == eos)
+        from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
+
+        tokenizer = NullTokenizer(ling.vocab_size - 1)
+        tokenizer.pad = tokenizer.eod
+    else:
         tokenizer = load_tokenizer(data_cfg.tokenizer, data_cfg.cache_dir)
         if tokenizer.vocab_size > ling.vocab_size:
             raise LingConfigError(
@@ -54,7 +65,7 @@ def _resolve_pipeline_layout(recipe: Recipe, ling, world_size: int) -> None:
     if par.pp == 1:
         par.pipeline_layout = None
         return
-    from megatron_ling.profiling.planner import plan_layout
+    from megatron_ling.pipeline.planner import plan_layout
 
     par.pipeline_layout = plan_layout(ling, par, recipe.training.seq_length, recipe.training.micro_batch_size,
                                       recipe.num_microbatches(world_size))
@@ -87,8 +98,41 @@ class _EvalData:
         return [next(it) for _ in range(n_mb)]
 
 
-def train(recipe: Recipe) -> TrainResult:
-    """Run a recipe. Launch under torchrun (or any launcher that sets RANK/WORLD_SIZE/MASTER_*)."""
+@dataclass
+class Session:
+    """Everything ``run`` needs, built by ``setup``: the model and its optimizer in their process
+    groups, the data positioned at the resume point, and where the run resumes."""
+
+    recipe: Recipe
+    ling: object  # LingConfig
+    world: int
+    rank: int
+    bundle: object  # setup.ModelBundle
+    optimizer: object
+    scheduler: object
+    data: object  # train micro-batch iterator (counts consumed_samples)
+    evaluator: Optional[_EvalData]
+    num_microbatches: int
+    iteration: int  # the iteration the run resumes after (0: a fresh start)
+    resumed: Optional[dict] = None  # common state of the checkpoint loaded (with "loaded_optimizer"), if any
+
+    def next_microbatches(self) -> list:
+        """This rank's micro-batches of the next global batch."""
+        return [next(self.data) for _ in range(self.num_microbatches)]
+
+    def step(self, microbatches: list):
+        """One training step (``step.train_step``) of the model, optimizer and LR schedule on
+        ``microbatches``, this data-parallel rank's share of a global batch."""
+        from megatron_ling.training.step import train_step
+
+        t = self.recipe.training
+        return train_step(self.bundle, self.optimizer, microbatches, t.seq_length, t.micro_batch_size,
+                          lr_scheduler=self.scheduler)
+
+
+def setup(recipe: Recipe) -> Session:
+    """Preflight, process groups, model, optimizer, LR schedule, resume state and data. Launch
+    under torchrun (or any launcher that sets RANK/WORLD_SIZE/MASTER_*)."""
     world = world_size_from_env()
     ling, data_cfg, tokenizer = preflight(recipe, world)
     _resolve_pipeline_layout(recipe, ling, world)
@@ -98,59 +142,71 @@ def train(recipe: Recipe) -> TrainResult:
 
     prepare_process(cpu_threads=int(os.environ.get("LING_CPU_THREADS", "0")) or None)
     init_distributed()
-    from megatron.core import parallel_state as ps
-
-    from megatron_ling.data.datasets import build_datasets, get_batch_iterator
-    from megatron_ling.training.checkpoint import latest_iteration, load_checkpoint, read_common_state, save_checkpoint
-    from megatron_ling.training.metrics import MetricsLogger, gather_moe_stats, memory_gib
-    from megatron_ling.training.signals import StopRequest, write_exit_status
-    from megatron_ling.training.step import eval_step, train_step
-
     rank = torch.distributed.get_rank()
-    init_model_parallel(recipe.parallel, recipe.model.seed, tied_embeddings=ling.tie_word_embeddings)
+    init_model_parallel(recipe.parallel, ling, recipe.model.seed)
     opts = recipe.model.options()
     bundle = build_model(ling, recipe.parallel, opts)
     o = recipe.optimizer
     optimizer = build_optimizer(bundle, recipe.parallel, opts, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
                                 adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
                                 clip_grad=o.clip_grad)
-    t = recipe.training
-    scheduler = build_lr_scheduler(optimizer, recipe.lr, o, t.train_iters)
-    ckpt_dir = recipe.checkpoint_dir
-    recipe_dict = recipe.to_dict()
+    scheduler = build_lr_scheduler(optimizer, recipe.lr, o, recipe.training.train_iters)
     if rank == 0:
-        os.makedirs(recipe.run_dir, exist_ok=True)
-        path = os.path.join(recipe.run_dir, "recipe.yaml")
-        with open(path + ".tmp", "w") as f:
-            f.write(recipe.to_yaml())
-        os.replace(path + ".tmp", path)
+        _write_recipe(recipe)
+    iteration, consumed, resumed = _resume(recipe, ling, bundle, optimizer, scheduler, rank)
+    data, evaluator = _build_data(recipe, data_cfg, tokenizer, consumed)
+    return Session(recipe=recipe, ling=ling, world=world, rank=rank, bundle=bundle, optimizer=optimizer,
+                   scheduler=scheduler, data=data, evaluator=evaluator,
+                   num_microbatches=recipe.num_microbatches(world), iteration=iteration, resumed=resumed)
 
-    # ---------------------------------------------------------------- resume
-    iteration, consumed = 0, 0
+
+def _write_recipe(recipe: Recipe) -> None:
+    """RUN_DIR/recipe.yaml, the resolved recipe of this run (written whole, then renamed)."""
+    os.makedirs(recipe.run_dir, exist_ok=True)
+    path = os.path.join(recipe.run_dir, "recipe.yaml")
+    with open(path + ".tmp", "w") as f:
+        f.write(recipe.to_yaml())
+    os.replace(path + ".tmp", path)
+
+
+def _resume(recipe: Recipe, ling, bundle, optimizer, scheduler, rank: int) -> tuple[int, int]:
+    """Load the checkpoint the recipe resumes from, if any; returns (iteration, consumed samples)."""
+    from megatron_ling.checkpoint.layout import latest_iteration, read_common_state
+    from megatron_ling.training.checkpoint import load_checkpoint
+
     load_from = None
     if recipe.checkpoint.resume == "auto":
-        if latest_iteration(ckpt_dir) is not None:
-            load_from = ckpt_dir
+        if latest_iteration(recipe.checkpoint_dir) is not None:
+            load_from = recipe.checkpoint_dir
     elif recipe.checkpoint.resume != "none":
         load_from = recipe.checkpoint.resume
-    if load_from:
-        _check_same_model(read_common_state(load_from), ling)
-        finetune = recipe.checkpoint.finetune
-        common = load_checkpoint(bundle, optimizer, scheduler, load_from,
-                                 load_optimizer=recipe.checkpoint.load_optimizer and not finetune,
-                                 parallel=recipe.parallel)
-        if not finetune:
-            iteration, consumed = int(common.get("iteration", 0)), int(common.get("consumed_samples", 0))
-            if not common["loaded_optimizer"]:
-                scheduler.num_steps = iteration  # LR continues; optimizer moments start fresh
-        if rank == 0:
-            print(f"loaded checkpoint {load_from} (iteration {common.get('iteration')}"
-                  f"{', weights only' if not common['loaded_optimizer'] else ''}); starting at iteration {iteration}",
-                  flush=True)
+    if not load_from:
+        return 0, 0, None
+    _check_same_model(read_common_state(load_from), ling)
+    finetune = recipe.checkpoint.finetune
+    common = load_checkpoint(bundle, optimizer, scheduler, load_from,
+                             load_optimizer=recipe.checkpoint.load_optimizer and not finetune,
+                             parallel=recipe.parallel)
+    iteration, consumed = 0, 0
+    if not finetune:
+        iteration, consumed = int(common.get("iteration", 0)), int(common.get("consumed_samples", 0))
+        if not common["loaded_optimizer"]:
+            scheduler.num_steps = iteration  # LR continues; optimizer moments start fresh
+    if rank == 0:
+        print(f"loaded checkpoint {load_from} (iteration {common.get('iteration')}"
+              f"{', weights only' if not common['loaded_optimizer'] else ''}); starting at iteration {iteration}",
+              flush=True)
+    return iteration, consumed, common
 
-    # ------------------------------------------------------------------ data
+
+def _build_data(recipe: Recipe, data_cfg, tokenizer, consumed: int):
+    """This data-parallel rank's train iterator from ``consumed`` samples on, and the evaluator."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_ling.data.datasets import build_datasets, get_batch_iterator
+
+    t = recipe.training
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    nmb = recipe.num_microbatches(world)
     n_eval = 0
     if t.eval_interval:
         n_eval = (t.train_iters // t.eval_interval + 1) * t.eval_iters * t.global_batch_size
@@ -158,37 +214,58 @@ def train(recipe: Recipe) -> TrainResult:
                                            (t.train_iters * t.global_batch_size, n_eval or None, None))
     data = get_batch_iterator(train_ds, t.micro_batch_size, consumed, dp_rank, dp_size, data_cfg.num_workers)
     evaluator = _EvalData(valid_ds, recipe, dp_rank, dp_size) if (t.eval_interval and valid_ds is not None) else None
+    return data, evaluator
 
-    from megatron_ling.profiling.recorder import PipelineProfiler
 
-    profiler = PipelineProfiler(recipe.profiling, recipe.run_dir, meta={
-        "recipe": recipe_dict, "num_microbatches": nmb, "pp": recipe.parallel.pp, "vpp": recipe.parallel.vpp,
-        "layout": recipe.parallel.pipeline_layout,
-        "ling": ling.to_hf_dict(), "seq_length": t.seq_length, "micro_batch_size": t.micro_batch_size})
+def pipeline_profiler(session: Session):
+    """The recorder of the recipe's ``profiling`` steps, its profile ``meta`` from the session."""
+    from megatron_ling.pipeline.profile import profile_meta
+    from megatron_ling.training.profiler import PipelineProfiler
+
+    recipe = session.recipe
+    t, par = recipe.training, recipe.parallel
+    return PipelineProfiler(recipe.profiling, recipe.run_dir, meta=profile_meta(
+        session.ling.to_hf_dict(), par.pipeline_layout, par.pp, par.vpp, t.seq_length, t.micro_batch_size,
+        session.num_microbatches, recipe=recipe.to_dict()))
+
+
+def run(session: Session) -> TrainResult:
+    """The training loop: step, log, evaluate, save on interval / preemption / at the end."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_ling.training.checkpoint import save_checkpoint
+    from megatron_ling.training.metrics import MetricsLogger, gather_moe_stats, memory_gib
+    from megatron_ling.training.signals import StopRequest, write_exit_status
+    from megatron_ling.training.step import eval_step
+
+    s, recipe = session, session.recipe
+    t, par, rank, nmb = recipe.training, recipe.parallel, session.rank, session.num_microbatches
+    bundle, optimizer, scheduler, data = s.bundle, s.optimizer, s.scheduler, s.data
+    recipe_dict = recipe.to_dict()
+    profiler = pipeline_profiler(s)
     logger = MetricsLogger(rank, recipe.tensorboard_dir, recipe.metrics_file, t.train_iters)
     stop = StopRequest()
     losses, last_saved, reason = [], None, "completed"
     interval = recipe.checkpoint.interval
     if rank == 0:
         n = sum(p.numel() for c in bundle.unwrapped for p in c.parameters())
-        print(f"megatron-ling: {recipe.model.preset or recipe.model.hf_config} | world {world} "
-              f"(tp {recipe.parallel.tp} pp {recipe.parallel.pp} vpp {recipe.parallel.vpp} ep {recipe.parallel.ep} "
-              f"dp {dp_size}) | {nmb} microbatches x {t.micro_batch_size} x {t.seq_length} tokens | "
-              f"rank-0 params {n:,}", flush=True)
+        print(f"megatron-ling: {recipe.model.preset or recipe.model.hf_config} | world {s.world} "
+              f"(tp {par.tp} pp {par.pp} vpp {par.vpp} ep {par.ep} dp {ps.get_data_parallel_world_size()}) | "
+              f"{nmb} microbatches x {t.micro_batch_size} x {t.seq_length} tokens | rank-0 params {n:,}", flush=True)
 
     def save(it):
         nonlocal last_saved
         if recipe.checkpoint.save:
-            last_saved = save_checkpoint(bundle, optimizer, scheduler, ckpt_dir, it, data.consumed_samples,
-                                         recipe_dict, recipe.parallel, recipe.checkpoint.keep_last)
+            last_saved = save_checkpoint(bundle, optimizer, scheduler, recipe.checkpoint_dir, it,
+                                         data.consumed_samples, recipe_dict, par, recipe.checkpoint.keep_last)
 
-    start_iteration = iteration
+    iteration = start_iteration = s.iteration
     try:
         while iteration < t.train_iters:
             t0 = time.time()
-            mbs = [next(data) for _ in range(nmb)]
+            mbs = s.next_microbatches()
             with profiler.step(iteration + 1, bundle.chunks):
-                r = train_step(bundle, optimizer, mbs, t.seq_length, t.micro_batch_size, lr_scheduler=scheduler)
+                r = s.step(mbs)
             iteration += 1
             dt = time.time() - t0
             if iteration % recipe.logging.log_interval == 0 or iteration == 1 or iteration == t.train_iters:
@@ -198,8 +275,8 @@ def train(recipe: Recipe) -> TrainResult:
                 moe = gather_moe_stats(bundle.stats) if recipe.logging.per_layer_moe_stats else None
                 logger.log(iteration, scalars, moe)
                 losses.append((iteration, r.lm_loss))
-            if evaluator is not None and iteration % t.eval_interval == 0:
-                ev = eval_step(bundle, evaluator.batches(nmb * t.eval_iters, 0), t.seq_length, t.micro_batch_size)
+            if s.evaluator is not None and iteration % t.eval_interval == 0:
+                ev = eval_step(bundle, s.evaluator.batches(nmb * t.eval_iters, 0), t.seq_length, t.micro_batch_size)
                 logger.log(iteration, {"eval_lm_loss": ev})
             if stop.agreed():
                 reason = "preempted"
@@ -225,3 +302,8 @@ def train(recipe: Recipe) -> TrainResult:
             print(f"checkpoint: {last_saved}", flush=True)
         print(f"tensorboard: {recipe.tensorboard_dir}\nmetrics: {recipe.metrics_file}", flush=True)
     return TrainResult(iteration=iteration, losses=losses, checkpoint=last_saved, reason=reason)
+
+
+def train(recipe: Recipe) -> TrainResult:
+    """Run a recipe: ``run(setup(recipe))``."""
+    return run(setup(recipe))

@@ -1,4 +1,5 @@
-"""Bubble analysis shared by measured runs and the simulator.
+"""The one timeline/event type of the pipeline package, shared by measured runs (profile files)
+and the simulator.
 
 A ``Timeline`` is one iteration of one pipeline: per pp rank the compute intervals (F/B, with
 model chunk and micro batch) and p2p waits, on a common clock. From it:
@@ -12,25 +13,23 @@ model chunk and micro batch) and p2p waits, on a common clock. From it:
   predecessors finished last - the previous compute on the same rank, or the event it depends on
   on the neighbouring stage (the same micro batch's forward on stage s-1, or its backward on
   stage s+1; the last stage's backward depends on its own forward);
-* a simulator prediction calibrated from the timeline itself (median forward/backward time per
-  schedule stage, measured p2p hand-off latency and per-op overhead).
+* what a simulator prediction is calibrated from (``stage_times``, ``handoff_latency``,
+  ``op_overhead``; the prediction itself is ``simulator.predict``).
 """
 from __future__ import annotations
 
-import glob
-import json
-import os
 import statistics
 from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron_ling.errors import LingConfigError
 
-FORMAT = "megatron-ling-bubbles/1"
-
 
 @dataclass
-class Ev:
+class Event:
+    """One interval on one pipeline rank: a forward (F) or backward (B) of micro batch ``mb`` on
+    model chunk ``chunk`` (schedule stage ``chunk * pp + rank``), or a p2p wait (W, chunk = mb = -1)."""
+
     kind: str  # F, B, W
     chunk: int
     mb: int
@@ -59,7 +58,7 @@ class RankStats:
 class Timeline:
     pp: int
     vpp: int
-    ranks: list  # list[list[Ev]] per pp rank, sorted by start
+    ranks: list  # list[list[Event]] per pp rank, sorted by start
     t_start: float = 0.0
     t_end: float = 0.0
     iteration: Optional[int] = None
@@ -68,7 +67,7 @@ class Timeline:
     def from_events(cls, pp, vpp, events, t_end=None, iteration=None) -> "Timeline":
         ranks = []
         for evs in events:
-            ranks.append(sorted((Ev(e.kind, e.chunk, e.mb, e.start, e.end) for e in evs), key=lambda e: e.start))
+            ranks.append(sorted((Event(e.kind, e.chunk, e.mb, e.start, e.end) for e in evs), key=lambda e: e.start))
         return cls._finish(pp, vpp, ranks, iteration)
 
     @classmethod
@@ -120,7 +119,7 @@ class Timeline:
     def bubbles(self) -> list[float]:
         return [s.bubble for s in self.rank_stats()]
 
-    def critical_path(self) -> list[tuple[int, Ev]]:
+    def critical_path(self) -> list[tuple[int, Event]]:
         """(rank, event) from the first to the last event on the critical path."""
         idx = {}
         for r, evs in enumerate(self.ranks):
@@ -209,100 +208,3 @@ class Timeline:
             return 0.0
         gaps.sort()
         return gaps[len(gaps) // 4]
-
-    def predict(self, fwd_s=None, bwd_s=None, latency_s=None, overhead_s=None) -> dict:
-        """Simulated iteration and per-rank bubbles for this pipeline, from the given per-stage
-        times or, by default, the times measured in this timeline."""
-        from megatron_ling.profiling.simulator import simulate
-
-        mf, mb_ = self.stage_times()
-        f = list(fwd_s if fwd_s is not None else mf)
-        b = list(bwd_s if bwd_s is not None else mb_)
-        lat = self.handoff_latency() if latency_s is None else latency_s
-        ovh = self.op_overhead() if overhead_s is None else overhead_s
-        m = self.num_microbatches
-        # overheads are part of each op's occupancy of its rank, but not compute
-        res = simulate([x + ovh for x in f], [x + ovh for x in b], self.pp, m, lat)
-        busy = [m * sum(f[v * self.pp + r] + b[v * self.pp + r] for v in range(self.vpp)) for r in range(self.pp)]
-        it = res.iteration_s
-        return {"iteration_s": it, "bubbles": [1.0 - x / it for x in busy], "latency_s": lat, "overhead_s": ovh,
-                "fwd_s": f, "bwd_s": b, "sim": res}
-
-
-# ------------------------------------------------------------------------------- runs
-@dataclass
-class Run:
-    run_dir: str
-    pp: int
-    vpp: int
-    meta: dict
-    timelines: list = field(default_factory=list)  # one per recorded iteration
-    clock: str = "perf_counter"
-    alignment: str = "barrier"
-
-
-def _find_dir(run_dir: str) -> str:
-    if not os.path.isdir(run_dir):
-        raise LingConfigError(f"RUN_DIR: {run_dir} does not exist; pass a training run directory "
-                              f"(with bubbles/) or its bubbles/ folder")
-    sub = os.path.join(run_dir, "bubbles")
-    if glob.glob(os.path.join(sub, "rank*.json")):
-        return sub
-    if glob.glob(os.path.join(run_dir, "rank*.json")):
-        return run_dir
-    raise LingConfigError(f"RUN_DIR: no bubble profiles (bubbles/rank*.json) in {run_dir}; run ling-train "
-                          f"with profiling.enabled=true (and profiling.steps) first")
-
-
-def load_run(run_dir: str) -> Run:
-    """Merge the per-rank JSON files of a run into one timeline per recorded iteration."""
-    d = _find_dir(run_dir)
-    docs = []
-    for p in sorted(glob.glob(os.path.join(d, "rank*.json"))):
-        try:
-            with open(p) as f:
-                doc = json.load(f)
-        except json.JSONDecodeError as e:
-            raise LingConfigError(f"RUN_DIR: {p} is not valid JSON ({e}); was the run killed while writing?") from None
-        if doc.get("format") != FORMAT:
-            raise LingConfigError(f"RUN_DIR: {p} is not a megatron-ling bubble profile")
-        docs.append(doc)
-    # keep one model replica: the pipeline ranks sharing the first file's tp/dp coordinates
-    ref = docs[0]
-    docs = [x for x in docs if x.get("tp_rank", 0) == ref.get("tp_rank", 0) and x.get("dp_rank", 0) == ref.get("dp_rank", 0)]
-    pp, vpp = ref["pp"], ref["vpp"]
-    by_pp = {x["pp_rank"]: x for x in docs}
-    missing = [r for r in range(pp) if r not in by_pp]
-    if missing:
-        raise LingConfigError(f"RUN_DIR: profiles of pipeline ranks {missing} are missing in {d}; "
-                              f"every pp rank of one replica must write (profiling.all_ranks or the default)")
-    same_host = len({x["host"] for x in by_pp.values()}) == 1 and ref.get("clock") == "perf_counter"
-    iters = [s["iteration"] for s in by_pp[0]["steps"]]
-    timelines = []
-    for it in iters:
-        ranks = []
-        for r in range(pp):
-            steps = {s["iteration"]: s for s in by_pp[r]["steps"]}
-            if it not in steps:
-                raise LingConfigError(f"RUN_DIR: pp rank {r} has no record of iteration {it}")
-            s = steps[it]
-            off = s["t0_abs"] if same_host else 0.0
-            ranks.append(sorted((Ev(e[0], e[1], e[2], e[3] + off, e[4] + off, e[5] if len(e) > 5 else "")
-                                 for e in s["events"]), key=lambda e: e.start))
-        timelines.append(Timeline._finish(pp, vpp, ranks, iteration=it))
-    return Run(run_dir=d, pp=pp, vpp=vpp, meta=ref.get("meta", {}), timelines=timelines, clock=ref.get("clock"),
-               alignment="shared monotonic clock" if same_host else "barrier at step start")
-
-
-def mean_bubbles(run: Run, fwd_s=None, bwd_s=None) -> tuple[list[float], list[float]]:
-    """Per rank: measured bubble fraction and simulated prediction, each averaged over the
-    recorded iterations (the prediction of each iteration uses its own measured p2p hand-off and
-    overhead, and either the given per-stage times or that iteration's own)."""
-    meas = [0.0] * run.pp
-    pred = [0.0] * run.pp
-    for tl in run.timelines:
-        p = tl.predict(fwd_s=fwd_s, bwd_s=bwd_s)["bubbles"]
-        for r in range(run.pp):
-            meas[r] += tl.bubbles[r] / len(run.timelines)
-            pred[r] += p[r] / len(run.timelines)
-    return meas, pred

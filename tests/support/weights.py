@@ -13,7 +13,8 @@ Its names are layout independent:
     decoder.final_layernorm.weight, output_layer.weight
     mtp.layers.{j}.<...>                               j = global MTP layer index
 
-(with Transformer Engine's grouped experts, ``experts.linear_fc{1,2}.weight{e}`` with global e).
+(with Transformer Engine's grouped experts, ``experts.linear_fc{1,2}.weight{e}`` with global e); these
+spellings are the mapping table's (``megatron_ling.convert.mapping``).
 
 Sharding rules are read from the parameters themselves (megatron-core's ``tensor_model_parallel``,
 ``partition_dim`` and ``partition_stride`` attributes), so they follow megatron-core: e.g. the
@@ -30,15 +31,15 @@ through Megatron-Core's distributed checkpoints instead.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
 
-_LAYER = re.compile(r"^(decoder|mtp)\.layers\.(\d+)\.")
-_LOCAL_EXPERT = re.compile(r"\.experts\.local_experts\.(\d+)\.")
-_GROUPED_EXPERT = re.compile(r"\.experts\.(linear_fc[12])\.weight(\d+)$")
+from megatron_ling.convert.mapping import GROUPED_EXPERT as _GROUPED_EXPERT
+from megatron_ling.convert.mapping import LAYER_PREFIX as _LAYER
+from megatron_ling.convert.mapping import LOCAL_EXPERT as _LOCAL_EXPERT
+from megatron_ling.convert.mapping import is_expert_weight as _is_expert
 
 
 class WeightMappingError(KeyError):
@@ -68,10 +69,6 @@ def unwrap(chunk):
     while hasattr(chunk, "module"):
         chunk = chunk.module
     return chunk
-
-
-def _is_expert(name: str) -> bool:
-    return ".experts." in name and ".shared_experts." not in name
 
 
 def _parallel_ranks() -> dict:

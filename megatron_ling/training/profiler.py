@@ -1,4 +1,4 @@
-"""Pipeline bubble recorder for real multi-rank runs (no fork of Megatron-Core).
+"""The ``profiling`` recipe section and the pipeline bubble recorder for real multi-rank runs (no fork of Megatron-Core).
 
 While a chosen step runs, three megatron-core 0.16.1 functions are wrapped (and restored after):
 
@@ -13,7 +13,8 @@ Timestamps are ``time.perf_counter`` on the CPU, CUDA events on GPUs (host times
 show kernel launch times). Each recorded step starts with two barriers over the world group; the
 time right after them is the step's clock origin ``t0`` on every rank (ranks on one host also share
 CLOCK_MONOTONIC, recorded as ``t0_abs``, which the report prefers when all hosts agree). One JSON
-per rank is (re)written after each recorded step to ``<dir>/rank<NNNNN>.json``, atomically.
+per rank is (re)written after each recorded step to ``<dir>/rank<NNNNN>.json``, atomically, in the
+format owned by ``megatron_ling.pipeline.profile``.
 
 Trainer use::
 
@@ -25,17 +26,48 @@ Trainer use::
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import time
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from megatron_ling.profiling.config import ProfilingConfig
+from megatron_ling.errors import LingConfigError
+from megatron_ling.pipeline.profile import write_rank_profile
 
-FORMAT = "megatron-ling-bubbles/1"
+
+@dataclass
+class ProfilingConfig:
+    """Pipeline bubble profiler (``ling-bubbles report RUN_DIR`` reads what it writes).
+
+    enabled   record forward/backward/p2p-wait intervals of every pipeline rank
+    steps     iterations to record (1-based, as the trainer counts); skip the first, which pays
+              one-off allocation and warm-up costs
+    dir       output folder; null = RUN_DIR/bubbles
+    all_ranks record every rank; by default only the pipeline ranks of the first model replica
+              (tp = cp = dp = 0), which is what the bubble analysis needs
+    cuda_events time with CUDA events on GPUs (host timestamps would only show launch times)
+    """
+
+    enabled: bool = False
+    steps: list = field(default_factory=lambda: [2, 3])
+    dir: Optional[str] = None
+    all_ranks: bool = False
+    cuda_events: bool = True
+
+    def validate(self, prefix: str = "profiling") -> "ProfilingConfig":
+        if not isinstance(self.enabled, bool):
+            raise LingConfigError(f"{prefix}.enabled: must be true or false, got {self.enabled!r}")
+        if isinstance(self.steps, int):
+            self.steps = [self.steps]
+        if not isinstance(self.steps, (list, tuple)) or not self.steps or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in self.steps):
+            raise LingConfigError(f"{prefix}.steps: must be a non-empty list of iterations >= 1, got {self.steps!r}")
+        if self.dir is not None and not isinstance(self.dir, str):
+            raise LingConfigError(f"{prefix}.dir: must be a path or null, got {self.dir!r}")
+        return self
 
 
 class _Clock:
@@ -200,8 +232,7 @@ class PipelineProfiler:
     def _write(self, ps):
         vpp = ps.get_virtual_pipeline_model_parallel_world_size() or 1
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        doc = {
-            "format": FORMAT,
+        coords = {
             "rank": rank,
             "pp_rank": ps.get_pipeline_model_parallel_rank(),
             "pp": ps.get_pipeline_model_parallel_world_size(),
@@ -210,12 +241,5 @@ class PipelineProfiler:
             "dp_rank": ps.get_data_parallel_rank(),
             "host": socket.gethostname(),
             "clock": "cuda_events" if self._clock.cuda else "perf_counter",
-            "meta": self.meta,
-            "steps": self.steps_done,
         }
-        os.makedirs(self.dir, exist_ok=True)
-        path = os.path.join(self.dir, f"rank{rank:05d}.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(doc, f)
-        os.replace(tmp, path)
+        write_rank_profile(self.dir, coords, self.meta, self.steps_done)

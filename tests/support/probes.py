@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from megatron_ling.testing import fidelity as F
+from tests.support import fidelity as F
 
 
 def allreduce_rank(ctx) -> float:
@@ -44,16 +44,16 @@ def exit_hard(ctx) -> int:
     return ctx.rank
 
 
-def weights_roundtrip(ctx, scenario: F.Scenario, parallel: dict, full: dict) -> dict:
+def weights_roundtrip(ctx, recipe, parallel: dict, full: dict) -> dict:
     """Load ``full`` into the layout and gather it back (no training)."""
-    from megatron_ling.parallel.weights import canonical_names, gather_full_state_dict, unwrap
+    from tests.support.weights import canonical_names, gather_full_state_dict, unwrap
 
-    bundle, _, _ = F.build(scenario, parallel, full)
+    bundle = F.start(ctx, recipe, parallel, full).bundle
     back = gather_full_state_dict(bundle.chunks, dst=0)
     local = sorted(v for c in bundle.chunks for v in canonical_names(unwrap(c)).values())
     return dict(full=back, local_names=local)
 
 
-def load_mismatched(ctx, scenario: F.Scenario, parallel: dict, full: dict) -> None:
+def load_mismatched(ctx, recipe, parallel: dict, full: dict) -> None:
     """Load a full state dict of another model shape: must raise WeightMappingError."""
-    F.build(scenario, parallel, full)
+    F.start(ctx, recipe, parallel, full)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from megatron_ling.testing import fidelity as F
+from tests.support import fidelity as F
 
 REEXEC_SCRIPT = """# stands for a training script without an `if __name__ == "__main__":` guard
 import os
@@ -14,7 +14,7 @@ open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "reexecuted_" + st
 """
 
 
-def checkpoint_from_unguarded_script(ctx, scenario: F.Scenario, ckpt_dir: str, script_dir: str) -> list:
+def checkpoint_from_unguarded_script(ctx, recipe, ckpt_dir: str, script_dir: str) -> list:
     """Save a torch_dist checkpoint from a process whose ``__main__`` is a script without a main
     guard; return the files that script left behind, one per time it was executed again."""
     from megatron_ling.training.checkpoint import save_checkpoint
@@ -27,17 +27,16 @@ def checkpoint_from_unguarded_script(ctx, scenario: F.Scenario, ckpt_dir: str, s
 
     torch.distributed.barrier()
     sys.modules["__main__"].__file__ = script  # what `python train_unguarded.py` would have
-    bundle, optimizer, par = F.build(scenario, dict(distributed_optimizer=False))
-    save_checkpoint(bundle, optimizer, None, ckpt_dir, 1, consumed_samples=0)
+    s = F.start(ctx, recipe, dict(distributed_optimizer=False))
+    save_checkpoint(s.bundle, s.optimizer, None, ckpt_dir, 1, consumed_samples=0)
     torch.distributed.barrier()
     return sorted(f for f in os.listdir(script_dir) if f.startswith("reexecuted_"))
 
 
-def build_only(ctx, scenario: F.Scenario, parallel: dict) -> str:
-    """Build the layout's model without megatron-ling's layout validation (to show what
-    megatron-core itself does with it)."""
-    bundle, _, _ = F.build(scenario, parallel, validate=False)
-    return type(bundle.chunks[0]).__name__
+def build_only(ctx, recipe, parallel: dict) -> str:
+    """Set the layout up without megatron-ling's recipe checks (to show what megatron-core itself
+    does with it)."""
+    return type(F.start(ctx, recipe, parallel, checks=False).bundle.chunks[0]).__name__
 
 
 def layout_run_default_embedding_group(ctx, **kw) -> dict:

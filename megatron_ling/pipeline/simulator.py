@@ -26,6 +26,7 @@ from functools import lru_cache
 from typing import Optional, Sequence
 
 from megatron_ling.errors import LingConfigError
+from megatron_ling.pipeline.timeline import Event, Timeline
 
 FWD, BWD = "fwd", "bwd"  # channel names
 
@@ -147,20 +148,6 @@ def rank_program(rank: int, pp: int, vpp: int, m: int, group: Optional[int] = No
 
 # --------------------------------------------------------------------------- simulation
 @dataclass
-class Event:
-    rank: int
-    kind: str  # "F", "B" or "W" (p2p wait)
-    chunk: int
-    mb: int
-    start: float
-    end: float
-
-    @property
-    def stage(self) -> int:
-        return -1 if self.kind == "W" else self.chunk  # chunk; schedule stage = chunk * pp + rank
-
-
-@dataclass
 class SimResult:
     pp: int
     vpp: int
@@ -182,9 +169,7 @@ class SimResult:
     def mean_bubble(self) -> float:
         return sum(self.bubbles) / self.pp
 
-    def to_timeline(self) -> "Timeline":
-        from megatron_ling.profiling.analysis import Timeline
-
+    def to_timeline(self) -> Timeline:
         return Timeline.from_events(self.pp, self.vpp, self.events, t_end=self.iteration_s)
 
 
@@ -240,13 +225,13 @@ def simulate(fwd_s: Sequence[float], bwd_s: Sequence[float], pp: int, num_microb
                     for ch in b:
                         reads[(ch, r)] = reads.get((ch, r), 0) + 1
                     if record and ready > t:
-                        ev.append(Event(r, "W", -1, -1, t, ready))
+                        ev.append(Event("W", -1, -1, t, ready))
                     now[r] = ready
                 else:
                     s = a * pp + r
                     d = fwd_s[s] if kind == "F" else bwd_s[s]
                     if record:
-                        ev.append(Event(r, kind, a, b, t, t + d))
+                        ev.append(Event(kind, a, b, t, t + d))
                     now[r] = t + d
                 pc[r] += 1
                 done += 1
@@ -292,3 +277,35 @@ def peak_activation_bytes(rank: int, pp: int, vpp: int, m: int, act_bytes: Seque
         elif kind == "B":
             cur -= act_bytes[a * pp + rank]
     return peak
+
+
+# ------------------------------------------------------------ prediction of a measured timeline
+def predict(tl: Timeline, fwd_s=None, bwd_s=None, latency_s=None, overhead_s=None) -> dict:
+    """Simulated iteration and per-rank bubbles for timeline ``tl``, from the given per-stage
+    times or, by default, the times measured in ``tl``."""
+    mf, mb_ = tl.stage_times()
+    f = list(fwd_s if fwd_s is not None else mf)
+    b = list(bwd_s if bwd_s is not None else mb_)
+    lat = tl.handoff_latency() if latency_s is None else latency_s
+    ovh = tl.op_overhead() if overhead_s is None else overhead_s
+    m = tl.num_microbatches
+    # overheads are part of each op's occupancy of its rank, but not compute
+    res = simulate([x + ovh for x in f], [x + ovh for x in b], tl.pp, m, lat)
+    busy = [m * sum(f[v * tl.pp + r] + b[v * tl.pp + r] for v in range(tl.vpp)) for r in range(tl.pp)]
+    it = res.iteration_s
+    return {"iteration_s": it, "bubbles": [1.0 - x / it for x in busy], "latency_s": lat, "overhead_s": ovh,
+            "fwd_s": f, "bwd_s": b, "sim": res}
+
+
+def mean_bubbles(run, fwd_s=None, bwd_s=None) -> tuple[list[float], list[float]]:
+    """Per rank of a profiled run (``profile.Run``): measured bubble fraction and simulated
+    prediction, each averaged over the recorded iterations (the prediction of each iteration uses its own measured p2p hand-off and
+    overhead, and either the given per-stage times or that iteration's own)."""
+    meas = [0.0] * run.pp
+    pred = [0.0] * run.pp
+    for tl in run.timelines:
+        p = predict(tl, fwd_s=fwd_s, bwd_s=bwd_s)["bubbles"]
+        for r in range(run.pp):
+            meas[r] += tl.bubbles[r] / len(run.timelines)
+            pred[r] += p[r] / len(run.timelines)
+    return meas, pred

@@ -21,8 +21,8 @@ from typing import Optional
 from megatron_ling.errors import LingConfigError
 from megatron_ling.models.config import LingConfig
 from megatron_ling.parallel.layout import check_layout
-from megatron_ling.profiling.costmodel import Calibration, CostModel, CostOptions, Hardware
-from megatron_ling.profiling.simulator import (check_schedule, iteration_time, peak_activation_bytes,
+from megatron_ling.pipeline.costmodel import Calibration, CostModel, CostOptions, Hardware
+from megatron_ling.pipeline.simulator import (check_schedule, iteration_time, peak_activation_bytes,
                                                simulate)
 
 GiB = 1024 ** 3

@@ -1,6 +1,10 @@
 """Parallel-fidelity scenarios: train a tiny Ling model for a few steps under a parallel layout and
 record what must not depend on the layout (run inside ranks forked by the harness).
 
+A case is a training :class:`Recipe` (:func:`case`); every run goes through the trainer's own
+``setup`` and ``Session.step`` (``megatron_ling.training.trainer``), i.e. what ``ling-train``
+runs, so the tests check the real wiring. What to compare stays here.
+
 * :func:`reference_run` (1 rank): builds the model, records the initial full weights, the logits of
   a fixed evaluation batch before and after training, per-step loss / grad norm / MTP loss, and the
   final full weights and expert biases.
@@ -8,65 +12,48 @@ record what must not depend on the layout (run inside ranks forked by the harnes
   (layouts do not reproduce one initialisation), trains on the same global batches -- each data
   parallel rank gets its share of every global batch, as in real training -- and records the same
   things. :func:`compare` turns the two records into max differences.
-
-Everything goes through megatron-ling's own setup (``build_model`` / ``build_optimizer`` /
-``train_step``), i.e. what ``ling-train`` runs, so the tests check the real wiring.
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
+from megatron_ling.data.random_batches import random_microbatch
+from megatron_ling.training.recipe import Recipe, recipe_from_dict
 
-@dataclass
-class Scenario:
-    """Model, precision and data of a fidelity run (shared by the reference and the layouts)."""
-
-    preset: str = "ling-tiny"
-    model: dict = field(default_factory=dict)  # LingConfig.replace(**model)
-    options: dict = field(default_factory=dict)  # ModelOptions(**options)
-    precision: str = "fp32"
-    steps: int = 3
-    global_microbatches: int = 4  # per global batch; each DP rank runs global_microbatches / dp
-    micro_batch_size: int = 2
-    seq_length: int = 32
-    lr: float = 1e-3
-    clip_grad: float = 1.0
-    init_seed: int = 42
-    data_seed: int = 0
-
-    def ling(self):
-        from megatron_ling.models.config import get_preset
-
-        return get_preset(self.preset, **self.model)
-
-    def model_options(self):
-        from megatron_ling.models.options import ModelOptions
-
-        return ModelOptions(precision=self.precision, **self.options)
-
-    def key(self) -> tuple:
-        return tuple(sorted((k, repr(v)) for k, v in dataclasses.asdict(self).items()))
+EVAL_SEED = 99_000  # the fixed evaluation batch's seeds (far from every step's)
 
 
-def microbatch(seed: int, mbs: int, seq: int, vocab: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, vocab, (mbs, seq + 1), generator=g)
-    return dict(tokens=t[:, :-1].contiguous(), labels=t[:, 1:].contiguous(), loss_mask=torch.ones(mbs, seq),
-                position_ids=torch.arange(seq).unsqueeze(0).expand(mbs, -1).contiguous())
+def case(steps: int = 3, precision: str = "fp32", options: Optional[dict] = None, seed: int = 42) -> Recipe:
+    """A fidelity case: the recipe shared by the reference and every layout. ling-tiny, ``steps``
+    global batches of 4 micro-batches x 2 x 32 tokens (each data-parallel rank runs its share),
+    Adam at a constant lr of 1e-3 without weight decay, ``seed`` for the initialisation,
+    ``options``: ModelOptions fields. ``data.mock`` spares setup a corpus; the steps use the random
+    batches of :func:`global_batch`."""
+    return recipe_from_dict(dict(
+        model=dict(preset="ling-tiny", precision=precision, seed=seed, **(options or {})),
+        training=dict(train_iters=steps, micro_batch_size=2, global_batch_size=8, seq_length=32),
+        optimizer=dict(lr=1e-3, min_lr=1e-3, weight_decay=0.0, clip_grad=1.0),
+        lr=dict(schedule="constant"), data=dict(mock=True), checkpoint=dict(resume="none")))
 
 
-def global_batch(sc: Scenario, step: int, vocab: int) -> list:
-    base = sc.data_seed * 100_000 + 100 * step
-    return [microbatch(base + i, sc.micro_batch_size, sc.seq_length, vocab) for i in range(sc.global_microbatches)]
+def at_layout(recipe: Recipe, parallel: dict, **sections) -> Recipe:
+    """``recipe`` with ``parallel`` (ParallelConfig fields) and other sections replaced
+    (e.g. ``checkpoint=dict(...)``)."""
+    return recipe_from_dict({**recipe.to_dict(), "parallel": dict(parallel), **sections})
 
 
-def eval_batch(sc: Scenario, vocab: int) -> list:
+def global_batch(recipe: Recipe, step: int, vocab: int) -> list:
+    t = recipe.training
+    return [random_microbatch(100 * step + i, t.micro_batch_size, t.seq_length, vocab)
+            for i in range(t.global_batch_size // t.micro_batch_size)]
+
+
+def eval_batch(recipe: Recipe, vocab: int) -> list:
     """Fixed evaluation micro-batches (the same on every data-parallel rank)."""
-    return [microbatch(sc.data_seed * 100_000 + 99_000 + i, sc.micro_batch_size, sc.seq_length, vocab)
+    t = recipe.training
+    return [random_microbatch(EVAL_SEED + i, t.micro_batch_size, t.seq_length, vocab)
             for i in range(4)]  # 4: interleaved schedules need at least pp micro-batches
 
 
@@ -91,15 +78,16 @@ def _clear_trackers() -> None:
 
 
 @torch.no_grad()
-def eval_logits(bundle, sc: Scenario, vocab: int) -> Optional[torch.Tensor]:
+def eval_logits(session) -> Optional[torch.Tensor]:
     """Logits of every output-layer call (MTP heads and the main head, per micro-batch) of a
     forward-only pass over the fixed evaluation batch, full vocabulary, fp32, [n, s, b, V]; None on
     ranks without the output layer."""
     from megatron.core import parallel_state as ps
 
-    from megatron_ling.parallel.weights import unwrap
     from megatron_ling.training.step import run_forward_backward
+    from tests.support.weights import unwrap
 
+    bundle, t = session.bundle, session.recipe.training
     captured, hooks = [], []
     for c in bundle.chunks:
         m = unwrap(c)
@@ -108,7 +96,8 @@ def eval_logits(bundle, sc: Scenario, vocab: int) -> Optional[torch.Tensor]:
     for c in bundle.chunks:
         c.eval()
     try:
-        run_forward_backward(bundle, eval_batch(sc, vocab), sc.seq_length, sc.micro_batch_size, forward_only=True)
+        run_forward_backward(bundle, eval_batch(session.recipe, session.ling.vocab_size), t.seq_length,
+                             t.micro_batch_size, forward_only=True)
     finally:
         for c in bundle.chunks:
             c.train()
@@ -132,92 +121,90 @@ def _bias_dtypes(bundle) -> list:
     return sorted({str(r.expert_bias.dtype) for r in routers(bundle.chunks)})
 
 
-def _train(bundle, optimizer, sc: Scenario, vocab: int, start: int = 0, steps: Optional[int] = None) -> list:
-    from megatron_ling.training.step import train_step
-
+def train(session, start: int = 0, steps: Optional[int] = None) -> list:
+    """``steps`` (default: the recipe's train_iters) trainer steps (``Session.step``) on global
+    batches ``start``, ``start + 1``, ...; per step: loss, grad norm, MTP loss, tokens, success."""
     out = []
-    for s in range(start, start + (sc.steps if steps is None else steps)):
-        r = train_step(bundle, optimizer, dp_share(global_batch(sc, s, vocab)), sc.seq_length, sc.micro_batch_size)
+    for s in range(start, start + (session.recipe.training.train_iters if steps is None else steps)):
+        r = session.step(dp_share(global_batch(session.recipe, s, session.ling.vocab_size)))
         out.append(dict(loss=r.lm_loss, grad_norm=r.grad_norm, mtp=r.extra.get("mtp_1_loss"),
                         tokens=r.num_tokens, ok=r.update_successful))
     return out
 
 
-def build(sc: Scenario, parallel: dict, full: Optional[dict] = None, world: Optional[int] = None,
-          validate: bool = True):
-    """(bundle, optimizer, ParallelConfig) for ``parallel`` (ParallelConfig fields), with the full
-    weights ``full`` loaded before the optimizer is built."""
-    from megatron_ling.parallel.config import ParallelConfig
-    from megatron_ling.parallel.weights import load_full_state_dict
-    from megatron_ling.training.setup import build_model, build_optimizer, init_model_parallel
+def _skip_recipe_checks() -> None:
+    """Let ``setup`` build what megatron-ling's recipe checks refuse, to show what megatron-core
+    itself does with it (forked ranks only: this replaces ``Recipe.validate`` for the process)."""
+    Recipe.validate = lambda self, world_size=None: self
 
-    par = ParallelConfig(**parallel)
-    if validate:
-        par.validate(world or torch.distributed.get_world_size())
-    ling, opts = sc.ling(), sc.model_options()
-    init_model_parallel(par, seed=1234, tied_embeddings=ling.tie_word_embeddings)
-    bundle = build_model(ling, par, opts, init_seed=sc.init_seed)
+
+def start(ctx, recipe: Recipe, parallel: dict, full: Optional[dict] = None, checks: bool = True, **sections):
+    """The trainer's ``setup`` of ``recipe`` at ``parallel`` (run files in this harness call's
+    temporary log directory), with the full weights ``full`` loaded (and the optimizer's main
+    parameters refreshed from them) in place of the random initialisation."""
+    import os
+
+    from megatron_ling.training.trainer import setup
+    from tests.support.weights import load_full_state_dict
+
+    if not checks:
+        _skip_recipe_checks()
+    r = at_layout(recipe, parallel, **sections)
+    r.run_dir = os.path.join(os.path.dirname(ctx.log_path), "run")
+    session = setup(r)
     if full is not None:
-        load_full_state_dict(bundle.chunks, full)
-    optimizer = build_optimizer(bundle, par, opts, lr=sc.lr, min_lr=sc.lr, clip_grad=sc.clip_grad)
-    return bundle, optimizer, par
+        load_full_state_dict(session.bundle.chunks, full)
+        session.optimizer.reload_model_params()
+    return session
 
 
-def reference_run(ctx, scenario: Scenario) -> dict:
+def reference_run(ctx, recipe: Recipe) -> dict:
     """Single-process run (world 1)."""
-    from megatron_ling.parallel.weights import gather_full_state_dict
+    from tests.support.weights import gather_full_state_dict
 
-    sc = scenario
-    vocab = sc.ling().vocab_size
-    bundle, optimizer, _ = build(sc, dict(distributed_optimizer=False))
-    full0 = gather_full_state_dict(bundle.chunks)
-    logits0 = eval_logits(bundle, sc, vocab)
-    steps = _train(bundle, optimizer, sc, vocab)
-    return dict(full0=full0, logits0=logits0, steps=steps, logits=eval_logits(bundle, sc, vocab),
-                full=gather_full_state_dict(bundle.chunks), bias_dtypes=_bias_dtypes(bundle))
+    session = start(ctx, recipe, dict(distributed_optimizer=False))
+    full0 = gather_full_state_dict(session.bundle.chunks)
+    logits0 = eval_logits(session)
+    steps = train(session)
+    return dict(full0=full0, logits0=logits0, steps=steps, logits=eval_logits(session),
+                full=gather_full_state_dict(session.bundle.chunks), bias_dtypes=_bias_dtypes(session.bundle))
 
 
 _REFERENCES: dict = {}
 
 
-def reference(scenario: Scenario, timeout_s: float = 300) -> dict:
-    """The single-process run of ``scenario`` (computed once per calling process, in a forked rank)."""
-    from megatron_ling.testing.harness import run_ranks
+def reference(recipe: Recipe, timeout_s: float = 300) -> dict:
+    """The single-process run of ``recipe`` (computed once per calling process, in a forked rank)."""
+    from tests.support.harness import run_ranks
 
-    key = scenario.key()
+    key = recipe.to_yaml()
     if key not in _REFERENCES:
-        _REFERENCES[key] = run_ranks(reference_run, 1, dict(scenario=scenario), timeout_s=timeout_s)[0]
+        _REFERENCES[key] = run_ranks(reference_run, 1, dict(recipe=recipe), timeout_s=timeout_s)[0]
     return _REFERENCES[key]
 
 
-def layout_run(ctx, scenario: Scenario, parallel: dict, full0: dict, validate: bool = True,
-               gather: bool = True) -> dict:
-    """One rank of a parallel layout, from the reference's initial weights ``full0``."""
+def layout_run(ctx, recipe: Recipe, parallel: dict, full0: dict, checks: bool = True,
+               steps: Optional[int] = None, gather: bool = True) -> dict:
+    """One rank of a parallel layout, from the reference's initial weights ``full0``; ``steps``:
+    how many of the recipe's steps to train (default all)."""
     from megatron.core import parallel_state as ps
 
-    from megatron_ling.parallel.weights import gather_full_state_dict
+    from tests.support.weights import gather_full_state_dict, unwrap
 
-    sc = scenario
-    vocab = sc.ling().vocab_size
-    bundle, optimizer, _ = build(sc, parallel, full0, validate=validate)
-    logits0 = eval_logits(bundle, sc, vocab)
-    steps = _train(bundle, optimizer, sc, vocab)
-    logits = eval_logits(bundle, sc, vocab)
+    session = start(ctx, recipe, parallel, full0, checks=checks)
+    bundle = session.bundle
+    logits0 = eval_logits(session)
+    out = train(session, steps=steps)
+    logits = eval_logits(session)
     full = gather_full_state_dict(bundle.chunks, dst=0) if gather else None
-    return dict(rank=ctx.rank, logits0=logits0, logits=logits, steps=steps, full=full,
+    return dict(rank=ctx.rank, logits0=logits0, logits=logits, steps=out, full=full,
                 bias_dtypes=_bias_dtypes(bundle),
                 groups=dict(tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
                             dp=ps.get_data_parallel_world_size(), ep=ps.get_expert_model_parallel_world_size(),
                             etp=ps.get_expert_tensor_parallel_world_size()),
                 layers=[[l.layer_number for l in getattr(getattr(c, "decoder", None), "layers", [])]
-                        for c in map(_unwrap, bundle.chunks)],
-                mtp=[bool(getattr(_unwrap(c), "mtp_process", False)) for c in bundle.chunks])
-
-
-def _unwrap(c):
-    from megatron_ling.parallel.weights import unwrap
-
-    return unwrap(c)
+                        for c in map(unwrap, bundle.chunks)],
+                mtp=[bool(getattr(unwrap(c), "mtp_process", False)) for c in bundle.chunks])
 
 
 # ------------------------------------------------------------------------------ comparison

@@ -23,7 +23,7 @@ Failure handling, so that a broken layout never hangs CI:
 
 Usage (functions must be importable by module path, so that the zygote can unpickle them)::
 
-    from megatron_ling.testing import run_ranks
+    from tests.support.harness import run_ranks
     results = run_ranks(my_module.case_fn, world=2, kwargs=dict(tp=2), timeout_s=120)
     # results[r] is what case_fn returned on rank r
 """
@@ -370,8 +370,10 @@ class Zygote:
         env.setdefault("PYTHONWARNINGS", "ignore")
         env["OMP_NUM_THREADS"] = "1"
         env.pop("LING_COMPAT_EXCLUDE", None)
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from megatron_ling.testing.harness import _zygote_main; _zygote_main()"],
+            [sys.executable, "-c", "from tests.support.harness import _zygote_main; _zygote_main()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True)
         try:
             msg = _recv(self.proc.stdout.fileno(), time.monotonic() + startup_timeout_s)

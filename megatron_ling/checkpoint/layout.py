@@ -1,0 +1,166 @@
+"""The on-disk checkpoint layout: the one place that knows it (trainer, converters, Slurm resume
+and test fixtures all go through here).
+
+Megatron-LM compatible names::
+
+    CKPT_DIR/iter_0000010/                      one torch_dist checkpoint (.metadata, __*.distcp,
+                                                metadata.json, common.pt)
+    CKPT_DIR/release/                           an iteration-less checkpoint (Megatron's "release")
+    CKPT_DIR/latest_checkpointed_iteration.txt  "10" or "release": written last, atomically
+    CKPT_DIR/iter_0000010.tmp/                  a save in progress: renamed to iter_0000010 when complete
+
+A user path (``checkpoint.resume``, ``ling-convert to-hf CKPT``) may be a run directory (holding
+``checkpoints/``), a checkpoint directory (with or without a tracker) or one iteration directory;
+:func:`resolve` turns each into one iteration directory with one set of rules. A directory *is* a
+checkpoint when it holds ``.metadata`` (torch_dist) or ``common.pt`` (megatron's common state).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from typing import Optional, Union
+
+import torch
+
+from megatron_ling.errors import LingConfigError
+
+TRACKER = "latest_checkpointed_iteration.txt"
+RELEASE = "release"
+RUN_SUBDIR = "checkpoints"  # a run directory keeps its checkpoints here (Recipe.checkpoint_dir default)
+COMMON_STATE = "common.pt"
+_MARKERS = (".metadata", COMMON_STATE)
+_ITER_RE = re.compile(r"^iter_(\d{7})$")
+
+Iteration = Union[int, str]  # an iteration number or RELEASE
+
+
+def iteration_dir(root: str, iteration: Iteration) -> str:
+    """``root/iter_%07d`` (or ``root/release``)."""
+    name = RELEASE if iteration == RELEASE else f"iter_{int(iteration):07d}"
+    return os.path.join(root, name)
+
+
+def tmp_dir(final: str) -> str:
+    """Where a save of ``final`` is written before it is renamed into place."""
+    return final + ".tmp"
+
+
+def is_checkpoint(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, m)) for m in _MARKERS)
+
+
+def parse_iteration(text: str) -> Optional[Iteration]:
+    """Tracker text -> iteration (digits or ``release``); None if it is neither."""
+    text = text.strip()
+    if text == RELEASE:
+        return RELEASE
+    return int(text) if text.isdigit() else None
+
+
+def latest_iteration(root: str) -> Optional[Iteration]:
+    """Iteration named by ``root``'s tracker (None without a tracker). Raises LingConfigError when the
+    tracker holds something else or names a directory that is not a complete checkpoint."""
+    tracker = os.path.join(root, TRACKER)
+    if not os.path.isfile(tracker):
+        return None
+    with open(tracker) as f:
+        text = f.read().strip()
+    it = parse_iteration(text)
+    if it is None:
+        raise LingConfigError(f"checkpoint.dir: tracker {tracker} holds {text!r}, not an iteration number or "
+                              f"{RELEASE!r}; fix or delete it")
+    d = iteration_dir(root, it)
+    if not os.path.isdir(d) or not is_checkpoint(d):
+        raise LingConfigError(f"checkpoint.dir: tracker {tracker} names iteration {it} but {d} is missing or holds "
+                              f"no .metadata/{COMMON_STATE} (incomplete save?); pass an existing iter_* directory")
+    return it
+
+
+def list_iterations(root: str) -> list[int]:
+    """Numbers of the complete ``iter_*`` directories under ``root`` (``.tmp`` saves excluded), sorted."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(m.group(1)) for d in os.listdir(root)
+                  if (m := _ITER_RE.match(d)) and is_checkpoint(os.path.join(root, d)))
+
+
+def resolve(path: str, field: str = "checkpoint") -> str:
+    """A run directory, a checkpoint directory (tracker or not) or an iteration directory -> the one
+    iteration directory to load. Tracker first; without one the newest complete iteration (or
+    ``release``). Raises LingConfigError naming ``field`` (the option the path came from)."""
+    if not os.path.isdir(path):
+        raise LingConfigError(f"{field}: {path} is not a directory; pass a run directory, a checkpoint "
+                              f"directory (with {TRACKER}) or one of its iter_* directories")
+    if is_checkpoint(path):
+        return path
+    it = latest_iteration(path)
+    if it is not None:
+        return iteration_dir(path, it)
+    its = list_iterations(path)
+    if its:
+        return iteration_dir(path, its[-1])
+    if is_checkpoint(iteration_dir(path, RELEASE)):
+        return iteration_dir(path, RELEASE)
+    run_ckpts = os.path.join(path, RUN_SUBDIR)
+    if os.path.isdir(run_ckpts):
+        return resolve(run_ckpts, field)
+    raise LingConfigError(f"{field}: {path} holds neither a checkpoint (.metadata/{COMMON_STATE}) nor {TRACKER} "
+                          f"nor iter_* directories; pass a run directory, a checkpoint directory or an iter_* "
+                          f"directory")
+
+
+def write_tracker(root: str, iteration: Iteration) -> None:
+    """Point ``root``'s tracker at ``iteration``: tmp file, fsync, os.replace (never half-written)."""
+    path = os.path.join(root, TRACKER)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(str(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def begin_save(root: str, iteration: Iteration) -> str:
+    """Create a fresh ``.tmp`` directory for a save of ``iteration`` (removing a killed earlier one)."""
+    tmp = tmp_dir(iteration_dir(root, iteration))
+    os.makedirs(root, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def commit_save(root: str, iteration: Iteration) -> str:
+    """The save of ``iteration`` is complete: rename its ``.tmp`` directory into place (replacing a
+    previous save of the same iteration), then update the tracker. Returns the iteration dir."""
+    final = iteration_dir(root, iteration)
+    if os.path.exists(final):
+        shutil.rmtree(final)  # re-saving the same iteration (e.g. after a resume)
+    os.replace(tmp_dir(final), final)
+    write_tracker(root, iteration)
+    return final
+
+
+def prune(root: str, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` iterations (never the one the tracker names)."""
+    keep = latest_iteration(root)
+    for it in list_iterations(root)[:-keep_last]:
+        if it != keep:
+            shutil.rmtree(iteration_dir(root, it), ignore_errors=True)
+
+
+def write_common_state(iter_dir: str, common: dict) -> None:
+    torch.save(common, os.path.join(iter_dir, COMMON_STATE))
+
+
+def read_common_state(path: str) -> dict:
+    """The common (non-sharded) state of the checkpoint ``path`` resolves to ({} if it has none),
+    loaded with weights_only=True (plain data only, never arbitrary pickles)."""
+    p = os.path.join(resolve(path), COMMON_STATE)
+    if not os.path.exists(p):
+        return {}
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise LingConfigError(f"checkpoint: cannot load {p} with weights_only=True ({type(e).__name__}); "
+                              f"it holds objects other than plain data") from None
