@@ -22,7 +22,7 @@ setup(
     # different (CUDA) build over the one the user already has.
     install_requires=[
         "torch>=2.4",
-        "megatron-core>=0.16.1",
+        "megatron-core>=0.16.1,<0.20",  # tested: 0.16.1 and 0.19.2 (tools/bootstrap.sh --mcore)
         "numpy",
         "safetensors>=0.4",
         "pyyaml",
