@@ -304,6 +304,39 @@ def _dist_opt_step_state():
     do.DistributedOptimizer.load_state_dict = load_state_dict
 
 
+@_patch("gloo_shape_exchange", "cpu", "pipeline_parallel/p2p_communication.py:238 (0.16.1) / :259 (0.19.2) "
+        "(_communicate_shapes, used with mtp_standalone)",
+        "DEADLOCK: a standalone MTP stage sends ((1+mtp)*s, b, h), so every p2p call first exchanges shapes and "
+        "waits for its shape sends too. gloo sends complete only once the peer has posted the matching "
+        "receive (NCCL sends this small finish eagerly); with VPP the stages form a ring and the "
+        "interleaved schedule's blocking shape waits close a cycle")
+def _gloo_shape_exchange():
+    from megatron.core.pipeline_parallel import p2p_communication as p2p
+
+    def communicate_shapes(self, tensor_send_next, tensor_send_prev, recv_prev, recv_next):
+        # Post every shape op at once but wait only for the receives; a send's work (and with it its
+        # buffer) is kept until it completes, which makes shape sends eager as they are on NCCL. gloo
+        # matches messages per peer and tag in posting order, so the data that follows stays in order.
+        pending = [w for w in getattr(self, "_ling_shape_sends", []) if not w.is_completed()]
+        group, recvs = self.pp_group, {}
+        for tensor, peer in ((tensor_send_prev, self.prev_rank), (tensor_send_next, self.next_rank)):
+            if tensor is not None:
+                pending.append(torch.distributed.isend(torch.tensor(tensor.size(), dtype=torch.int64),
+                                                       peer, group=group))
+        for want, peer, key in ((recv_prev, self.prev_rank, "prev"), (recv_next, self.next_rank, "next")):
+            if want:
+                buf = torch.empty((3,), dtype=torch.int64)
+                recvs[key] = (buf, torch.distributed.irecv(buf, peer, group=group))
+        self._ling_shape_sends = pending
+        shapes = {}
+        for key, (buf, work) in recvs.items():
+            work.wait()
+            shapes[key] = buf.tolist()
+        return shapes.get("prev", [0, 0, 0]), shapes.get("next", [0, 0, 0])
+
+    p2p.P2PCommunicator._communicate_shapes = communicate_shapes
+
+
 def _die_with_parent() -> None:
     """Make a helper process exit when its parent dies (Linux), so a killed rank leaves no
     process behind holding its sockets and output open."""
