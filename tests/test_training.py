@@ -153,3 +153,21 @@ def test_lr_schedules():
     assert c[50] < 0.8 and c[-1] == pytest.approx(0.1, abs=1e-3)
     d = lrs(LRConfig(schedule="wsd", warmup_iters=10, wsd_decay_iters=20, wsd_decay_style="linear"))
     assert d[70] == pytest.approx(1.0) and d[-1] == pytest.approx(0.1, abs=0.05)
+
+
+@pytest.mark.parametrize("world,parallel", [(1, dict(distributed_optimizer=False)),
+                                            (2, dict(pp=2, pipeline_layout="Et|tttmL"))], ids=["1rank", "pp2"])
+def test_logged_mtp_loss_matches_the_loss_of_the_mtp_logits(world, parallel):
+    """The logged MTP loss is the cross entropy of the MTP head's logits against the labels one
+    position further on (recomputed here, not read from megatron-core's tracker). On megatron-core
+    0.19 reading 0.16.1's tracker key logged 0.0000 while MTP trained."""
+    from megatron_ling.testing import fidelity as F
+    from megatron_ling.testing import run_ranks
+
+    out = run_ranks(F.mtp_loss_check, world, dict(scenario=F.Scenario(steps=1), parallel=parallel),
+                    timeout_s=120, grace_s=3)
+    recomputed = [o["recomputed"] for o in out if o["recomputed"] is not None]
+    assert len(recomputed) == 1, out  # exactly one stage holds the output layer
+    for o in out:  # every rank logs the same value
+        assert o["logged"] == pytest.approx(recomputed[0], rel=1e-5), (o["logged"], recomputed[0])
+    assert all(v > 1.0 for v in recomputed[0])  # ~ln(vocab) at initialisation: not a zero metric

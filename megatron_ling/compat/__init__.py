@@ -1,4 +1,5 @@
-"""Make megatron-core (0.16.1) run on CPU with the gloo backend.
+"""Make megatron-core (0.16.1 through 0.19.x) run on CPU with the gloo backend, and hold every
+difference between those megatron-core versions.
 
 Megatron-Core assumes CUDA (hard-coded ``device='cuda'``, CUDA RNG trackers and streams) and, on CPU
 with gloo, gives a few silently wrong results. This is the one place where megatron-ling works
@@ -10,6 +11,10 @@ clusters run megatron-core's CUDA paths unpatched), ``"no_te"`` patches wherever
 (and with it Apex's fused kernels) is missing, GPU or not. ``install()`` is idempotent, and
 ``install(exclude={"name"})`` leaves patches out (used by the tests to prove that each is needed).
 Call it in every process before building models or optimizers.
+
+Where megatron-core versions differ, megatron-ling asks ``mcore_at_least("0.19")`` here (the one
+version switch) or calls a helper of this module (``mtp_tracked_losses``); each patch's ``site`` names
+the versions it was verified on.
 """
 from __future__ import annotations
 
@@ -22,6 +27,51 @@ from typing import Callable
 import torch
 
 _INSTALLED: set[str] = set()
+
+
+# ------------------------------------------------------------------ the one version switch
+def _mcore_version() -> tuple[int, ...]:
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return Version(version("megatron-core")).release
+
+
+MCORE_VERSION: tuple[int, ...] = _mcore_version()
+"""The installed megatron-core release, e.g. (0, 19, 2). Supported: 0.16.1 through 0.19.x."""
+
+
+def mcore_at_least(v: str) -> bool:
+    """The one place megatron-ling asks which megatron-core it runs on (``mcore_at_least("0.19")``)."""
+    want = tuple(int(x) for x in v.split("."))
+    return MCORE_VERSION[: len(want)] >= want
+
+
+# ------------------------------------------------------------------ MTP loss tracker
+# megatron-core records each MTP layer's loss in MTPLossLoggingHelper.tracker. 0.16.1 keeps it under
+# "values" (reduce_loss_in_tracker/clean_loss_in_tracker, multi_token_prediction.py:~330); 0.19 keeps
+# loss, correct and total under "loss_values"/... (reduce_metrics_in_tracker/clean_metrics_in_tracker,
+# multi_token_prediction.py:342). Reading the old key on 0.19 silently logs an MTP loss of 0.
+def mtp_tracked_losses(reduce: bool = True) -> torch.Tensor | None:
+    """Per-MTP-layer loss sums megatron-core recorded since the last clear (summed over micro-batches),
+    or None where nothing was recorded (a stage without the MTP block). ``reduce``: first all-reduce
+    them over the groups megatron recorded (TP/CP sum, DP average), as Megatron-LM's loop does."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper as H
+
+    key = "loss_values" if mcore_at_least("0.19") else "values"
+    if key not in H.tracker:
+        return None
+    if reduce:
+        (H.reduce_metrics_in_tracker if mcore_at_least("0.19") else H.reduce_loss_in_tracker)()
+    return H.tracker[key].detach().clone()
+
+
+def clear_mtp_tracker() -> None:
+    """Forget every recorded MTP loss (and its groups)."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper as H
+
+    H.tracker.clear()
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ def load_megatron_model(ckpt_dir: str, cfg: LingConfig | None = None):
 
 def megatron_forward(model, ids: torch.Tensor):
     """(logits [b, s, V], MTP loss or None) of a megatron GPTModel with labels = ids."""
-    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+    from megatron_ling import compat
 
     b, s = ids.shape
     pos = torch.arange(s).unsqueeze(0).expand(b, s)
@@ -73,15 +73,15 @@ def megatron_forward(model, ids: torch.Tensor):
     mtp = model.config.mtp_num_layers
     was_training = model.training
     try:
-        MTPLossLoggingHelper.tracker.clear()
+        compat.clear_mtp_tracker()
         model.train(bool(mtp))  # the MTP loss is recorded in training mode only (no dropout in Ling)
         with torch.no_grad():
             model(ids, pos, attention_mask=mask, labels=ids)
-        mtp_loss = MTPLossLoggingHelper.tracker["values"].clone() if mtp else None
+        mtp_loss = compat.mtp_tracked_losses(reduce=False) if mtp else None
     finally:
         h.remove()
         model.train(was_training)
-        MTPLossLoggingHelper.tracker.clear()
+        compat.clear_mtp_tracker()
     return outs[-1].transpose(0, 1).float(), mtp_loss
 
 

@@ -54,7 +54,8 @@ class LingGPTDataset(GPTDataset):
         self._pad_token_id = _PAD_SENTINEL
 
     def __getitem__(self, idx):
-        text, _ = self._query_document_sample_shuffle_indices(0 if idx is None else idx)
+        # [0]: megatron-core 0.16.1 returns (tokens, document ids), 0.19 adds the document lengths
+        text = self._query_document_sample_shuffle_indices(0 if idx is None else idx)[0]
         pad = text == _PAD_SENTINEL
         n_real = int(numpy.argmax(pad)) if pad.any() else len(text)
         text = torch.from_numpy(text).long()

@@ -80,28 +80,29 @@ def aux_losses(bundle, num_microbatches: int) -> dict:
     The MTP tracker only exists on the pipeline stage that holds the MTP block (Megatron-LM logs
     from the last rank); its DP-averaged values are sent to every stage."""
     from megatron.core.transformer.moe.moe_utils import track_moe_metrics
-    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    from megatron_ling import compat
 
     cfg = bundle.tf_config
     d: dict = {}
     scale = 1.0 / num_microbatches
     if cfg.mtp_num_layers:
-        tracker = MTPLossLoggingHelper.tracker
         vals = torch.zeros(cfg.mtp_num_layers, dtype=torch.float32)
-        if "values" in tracker:
-            MTPLossLoggingHelper.reduce_loss_in_tracker()
-            vals = tracker["values"].detach().float().cpu() * scale
-            MTPLossLoggingHelper.clean_loss_in_tracker()
+        tracked = compat.mtp_tracked_losses(reduce=True)
+        if tracked is not None:
+            vals = tracked.float().cpu() * scale
+            compat.clear_mtp_tracker()
         vals = _pp_broadcast_from_last(vals)
         for i, v in enumerate(vals.tolist()):
             d[f"mtp_{i + 1}_loss"] = v
     if cfg.num_moe_experts and cfg.moe_z_loss_coeff:
         z: dict = {}
-        # Routers record into a tracker of num_layers + mtp_num_layers entries (router.py:445), but
-        # force_initialize sizes it by the num_layers argument (moe_utils.py:995): a stage without MoE
-        # layers would all-reduce a shorter tensor over the pipeline group. Give it the routers' size;
-        # the mean divides by the MoE layer count computed from moe_layer_freq (+ MTP) as usual.
-        n = cfg.num_layers + (cfg.mtp_num_layers or 0)
+        # Routers record into a tracker of num_layers + mtp_num_layers entries (router.py:445).
+        # 0.16.1's force_initialize sizes it by the num_layers argument alone (moe_utils.py:995): a
+        # stage without MoE layers would all-reduce a shorter tensor over the pipeline group, so it
+        # gets the routers' size there; 0.19 adds mtp_num_layers itself (moe_logging.py:187). The
+        # mean divides by the MoE layer count computed from moe_layer_freq (+ MTP) as usual.
+        n = cfg.num_layers + (0 if compat.mcore_at_least("0.19") else (cfg.mtp_num_layers or 0))
         track_moe_metrics(loss_scale=scale, iteration=0, writer=None, total_loss_dict=z, force_initialize=True,
                           track_names=["z_loss"], num_layers=n, moe_layer_freq=cfg.moe_layer_freq,
                           mtp_num_layers=cfg.mtp_num_layers)

@@ -70,10 +70,10 @@ def dp_share(mbs: list) -> list:
 
 def _clear_trackers() -> None:
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
-    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
-    if "values" in MTPLossLoggingHelper.tracker:
-        MTPLossLoggingHelper.clean_loss_in_tracker()
+    from megatron_ling import compat
+
+    compat.clear_mtp_tracker()
     clear_aux_losses_tracker()
 
 
@@ -244,3 +244,47 @@ def compare(ref: dict, ranks: list) -> dict:
             if diff >= d["weights"]:
                 d["weights"], d["weights_key"] = diff, k
     return d
+
+
+def mtp_loss_check(ctx, scenario: Scenario, parallel: dict) -> dict:
+    """One training step; returns the MTP loss megatron-ling logged and the one recomputed here from
+    the MTP heads' own logits (output-layer calls captured on the stage holding the output layer).
+
+    Independent of megatron-core's loss code: MTP layer k predicts the label k+1 positions further
+    on, so its loss per micro-batch is the cross entropy against labels shifted left by k+1, over the
+    positions whose shifted loss mask is set, averaged over those positions; the logged value is the
+    mean over micro-batches (one data-parallel rank here)."""
+    import torch.nn.functional as Fn
+
+    from megatron_ling.parallel.weights import unwrap
+    from megatron_ling.training.step import train_step
+
+    sc = scenario
+    vocab = sc.ling().vocab_size
+    bundle, optimizer, _ = build(sc, parallel)
+    m_layers = bundle.tf_config.mtp_num_layers
+    calls, hooks = [], []
+    for c in bundle.chunks:
+        m = unwrap(c)
+        if getattr(m, "post_process", False) and getattr(m, "output_layer", None) is not None:
+            # clone: megatron's vocab-parallel cross entropy works in place on the logits
+            hooks.append(m.output_layer.register_forward_hook(lambda mod, i, o: calls.append(o[0].detach().clone())))
+    mbs = dp_share(global_batch(sc, 0, vocab))
+    r = train_step(bundle, optimizer, mbs, sc.seq_length, sc.micro_batch_size)
+    for h in hooks:
+        h.remove()
+    logged = [r.extra[f"mtp_{k + 1}_loss"] for k in range(m_layers)]
+    if not calls:
+        return dict(logged=logged, recomputed=None)
+    assert len(calls) == len(mbs) * (1 + m_layers), (len(calls), len(mbs), m_layers)
+    recomputed = [0.0] * m_layers
+    for i, mb in enumerate(mbs):
+        per_mb = calls[i * (1 + m_layers):(i + 1) * (1 + m_layers)]  # MTP heads first, then the main head
+        for k in range(m_layers):
+            shift = k + 1
+            logits = per_mb[k].transpose(0, 1).double()[:, : sc.seq_length - shift]  # [b, s-shift, V]
+            labels = mb["labels"][:, shift:]
+            mask = mb["loss_mask"][:, shift:].double()
+            ce = Fn.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+            recomputed[k] += float((ce * mask.reshape(-1)).sum() / mask.sum()) / len(mbs)
+    return dict(logged=logged, recomputed=recomputed)
