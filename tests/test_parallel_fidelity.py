@@ -83,6 +83,13 @@ LAYOUTS = [
      _layers([[1]], [[2, 3]], [[4]], [[]])),
     ("pp4_mtp_alone_Ett|tt|m|L", 4, dict(pp=4, pipeline_layout="Ett|tt|m|L"), dict(pp=4),
      _layers([[1, 2]], [[3, 4]], [[]], [[]])),
+    # MTP on its own virtual stage under VPP (Ling 2.0's scheduler; megatron-core's documented
+    # 'E|t*3|(t|)*3tt|m|L' style): needs compat's gloo_shape_exchange on gloo. Layers per rank and
+    # chunk: stage i is chunk i // pp of rank i % pp.
+    ("pp4_vpp2_mtp_standalone_Et|t|t||t||m|L", 4, dict(pp=4, vpp=2, pipeline_layout="Et|t|t||t||m|L"),
+     dict(pp=4), _layers([[1], [4]], [[2], []], [[3], []], [[], []])),
+    ("pp3_vpp2_mtp_standalone_Et|t|t|t|m|L", 3, dict(pp=3, vpp=2, pipeline_layout="Et|t|t|t|m|L"), dict(pp=3),
+     _layers([[1], [4]], [[2], []], [[3], []])),
     ("dp2_ep2_pp2", 4, dict(pp=2, ep=2), dict(pp=2, dp=2, ep=2, tp=1), None),
 ]
 

@@ -4,7 +4,7 @@ and test fixtures all go through here).
 Megatron-LM compatible names::
 
     CKPT_DIR/iter_0000010/                      one torch_dist checkpoint (.metadata, __*.distcp,
-                                                metadata.json, common.pt)
+                                                metadata.json, common.pt up to megatron-core 0.16)
     CKPT_DIR/release/                           an iteration-less checkpoint (Megatron's "release")
     CKPT_DIR/latest_checkpointed_iteration.txt  "10" or "release": written last, atomically
     CKPT_DIR/iter_0000010.tmp/                  a save in progress: renamed to iter_0000010 when complete
@@ -155,12 +155,56 @@ def write_common_state(iter_dir: str, common: dict) -> None:
 
 def read_common_state(path: str) -> dict:
     """The common (non-sharded) state of the checkpoint ``path`` resolves to ({} if it has none),
-    loaded with weights_only=True (plain data only, never arbitrary pickles)."""
-    p = os.path.join(resolve(path), COMMON_STATE)
-    if not os.path.exists(p):
+    loaded with weights_only=True (plain data only, never arbitrary pickles).
+
+    megatron-core 0.16.1 (and the converter's writer) keep it in ``common.pt``; 0.19 writes it as one
+    ShardedObject ``common_state`` inside the .distcp files (dist_checkpointing/serialization.py:439)
+    and reads ``common.pt`` only as its legacy format."""
+    d = resolve(path)
+    p = os.path.join(d, COMMON_STATE)
+    if os.path.exists(p):
+        return _load_plain(lambda: torch.load(p, map_location="cpu", weights_only=True), p)
+    if not os.path.exists(os.path.join(d, ".metadata")):
         return {}
+    return _read_common_state_object(d)
+
+
+def _read_common_state_object(d: str) -> dict:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+
+    reader = FileSystemReader(d)
+    md = reader.read_metadata()
+    keys = [k for k, v in md.state_dict_metadata.items()
+            if isinstance(v, BytesStorageMetadata) and k.split("/")[0] == "common_state"]
+    if not keys:
+        return {}
+    reader.set_up_storage_reader(md, is_coordinator=True)
+
+    class _Bytes:  # the one LoadPlanner method read_data calls for a byte item
+        raw = None
+
+        def load_bytes(self, req, value):
+            self.raw = value
+
+    # Read the object's bytes ourselves: torch's default planner would unpickle them without
+    # weights_only. megatron saves the state dict wrapped in a one-element list.
+    sink = _Bytes()
+    item = ReadItem(type=LoadItemType.BYTE_IO, dest_index=MetadataIndex(keys[0]), dest_offsets=torch.Size((0,)),
+                    storage_index=MetadataIndex(keys[0]), storage_offsets=torch.Size((0,)), lengths=torch.Size((0,)))
+    reader.read_data(LoadPlan([item]), sink).wait()
+
+    def load():
+        obj = torch.load(sink.raw, map_location="cpu", weights_only=True)
+        return obj[0] if isinstance(obj, (list, tuple)) else obj
+
+    return _load_plain(load, f"{d} ({keys[0]})")
+
+
+def _load_plain(load, where: str) -> dict:
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        return load()
     except Exception as e:
-        raise LingConfigError(f"checkpoint: cannot load {p} with weights_only=True ({type(e).__name__}); "
+        raise LingConfigError(f"checkpoint: cannot load {where} with weights_only=True ({type(e).__name__}); "
                               f"it holds objects other than plain data") from None

@@ -48,6 +48,25 @@ def mcore_at_least(v: str) -> bool:
     return MCORE_VERSION[: len(want)] >= want
 
 
+# ------------------------------------------------------------------ GPTModel deprecation notice
+class _DropGPTModelDeprecation:
+    """logging filter: megatron-core 0.19 logs "GPTModel IS DEPRECATED ... use HybridModel" for every
+    model chunk built (models/gpt/gpt_model.py:118). megatron-ling builds Ling 2.0 (attention + MoE,
+    no Mamba) on GPTModel on purpose; docs/megatron-core.md says what HybridModel means for it."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return not str(record.msg).startswith("GPTModel IS DEPRECATED")
+
+
+def quiet_gptmodel_deprecation() -> None:
+    import logging
+
+    log = logging.getLogger("megatron.core.models.gpt.gpt_model")
+    if not any(isinstance(f, _DropGPTModelDeprecation) for f in log.filters):
+        log.addFilter(_DropGPTModelDeprecation())
+
+
 # ------------------------------------------------------------------ MTP loss tracker
 # megatron-core records each MTP layer's loss in MTPLossLoggingHelper.tracker. 0.16.1 keeps it under
 # "values" (reduce_loss_in_tracker/clean_loss_in_tracker, multi_token_prediction.py:~330); 0.19 keeps
@@ -78,17 +97,22 @@ def clear_mtp_tracker() -> None:
 class Patch:
     name: str
     when: str  # "cpu" | "no_te"
-    site: str  # megatron-core file:line worked around (0.16.1)
+    site: str  # megatron-core file:line worked around (0.16.1 line numbers unless a version is named)
     why: str
     apply: Callable[[], None]
+    versions: tuple[str, str] = ("0.16", "0.19")  # megatron-core minor versions it applies to (inclusive)
+
+    def applies_to_installed(self) -> bool:
+        lo, hi = (tuple(int(x) for x in v.split(".")) for v in self.versions)
+        return lo <= MCORE_VERSION[:2] <= hi
 
 
 PATCHES: dict[str, Patch] = {}
 
 
-def _patch(name: str, when: str, site: str, why: str):
+def _patch(name: str, when: str, site: str, why: str, versions: tuple[str, str] = ("0.16", "0.19")):
     def deco(fn):
-        PATCHES[name] = Patch(name, when, site, why, fn)
+        PATCHES[name] = Patch(name, when, site, why, fn, versions)
         return fn
 
     return deco
@@ -111,7 +135,8 @@ def condition_holds(when: str) -> bool:
 
 
 def install(exclude: set[str] | frozenset[str] = frozenset(), force: bool = False) -> list[str]:
-    """Install every applicable patch not in ``exclude`` (``force``: regardless of ``when``).
+    """Install every applicable patch not in ``exclude`` (its ``when`` holds and it applies to the
+    installed megatron-core; ``force``: regardless of both).
     Returns the names installed by this call."""
     exclude = set(exclude) | {x for x in os.environ.get("LING_COMPAT_EXCLUDE", "").split(",") if x}
     unknown = exclude - set(PATCHES)
@@ -120,7 +145,7 @@ def install(exclude: set[str] | frozenset[str] = frozenset(), force: bool = Fals
                          f"known: {', '.join(PATCHES)}")
     done = []
     for name, p in PATCHES.items():
-        if name in exclude or name in _INSTALLED or not (force or condition_holds(p.when)):
+        if name in exclude or name in _INSTALLED or not (force or (condition_holds(p.when) and p.applies_to_installed())):
             continue
         p.apply()
         _INSTALLED.add(name)
@@ -367,16 +392,19 @@ def _gloo_shape_exchange():
         # Post every shape op at once but wait only for the receives; a send's work (and with it its
         # buffer) is kept until it completes, which makes shape sends eager as they are on NCCL. gloo
         # matches messages per peer and tag in posting order, so the data that follows stays in order.
+        # Forward shapes (to next / from prev) and backward shapes (to prev / from next) get their own
+        # tags, so that at PP=2 (prev == next: one peer) they cannot be paired crosswise.
+        fwd, bwd = 0x51, 0x52
         pending = [w for w in getattr(self, "_ling_shape_sends", []) if not w.is_completed()]
         group, recvs = self.pp_group, {}
-        for tensor, peer in ((tensor_send_prev, self.prev_rank), (tensor_send_next, self.next_rank)):
+        for tensor, peer, tag in ((tensor_send_prev, self.prev_rank, bwd), (tensor_send_next, self.next_rank, fwd)):
             if tensor is not None:
                 pending.append(torch.distributed.isend(torch.tensor(tensor.size(), dtype=torch.int64),
-                                                       peer, group=group))
-        for want, peer, key in ((recv_prev, self.prev_rank, "prev"), (recv_next, self.next_rank, "next")):
+                                                       peer, group=group, tag=tag))
+        for want, peer, key, tag in ((recv_prev, self.prev_rank, "prev", fwd), (recv_next, self.next_rank, "next", bwd)):
             if want:
                 buf = torch.empty((3,), dtype=torch.int64)
-                recvs[key] = (buf, torch.distributed.irecv(buf, peer, group=group))
+                recvs[key] = (buf, torch.distributed.irecv(buf, peer, group=group, tag=tag))
         self._ling_shape_sends = pending
         shapes = {}
         for key, (buf, work) in recvs.items():
@@ -399,7 +427,8 @@ def _die_with_parent() -> None:
         pass
 
 
-@_patch("ckpt_fork_queue", "cpu", "dist_checkpointing/strategies/filesystem_async.py:54",
+@_patch("ckpt_fork_queue", "cpu", "dist_checkpointing/strategies/filesystem_async.py:54 (0.16.1, "
+        "_get_write_results_queue) / :53 (0.19.2, get_write_results_queue(mp_mode='spawn'))",
         "the first torch_dist save starts a spawn-context Manager: ~3 s per process and it re-imports an "
         "unguarded __main__; a fork-context Manager is instant (and dies with its rank)")
 def _ckpt_fork_queue():
@@ -408,7 +437,7 @@ def _ckpt_fork_queue():
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
 
-    def queue():
+    def queue(mp_mode: str = "fork"):
         if fsa._results_queue is None:
             mgr = SyncManager(ctx=mp.get_context("fork"))
             mgr.start(initializer=_die_with_parent)
@@ -416,7 +445,8 @@ def _ckpt_fork_queue():
             fsa._ling_manager = mgr  # keep it referenced for the life of the process
         return fsa._results_queue
 
-    fsa._get_write_results_queue = queue
+    # 0.19 renamed it (and calls it by module attribute, also from strategies/torch.py:1142)
+    setattr(fsa, "get_write_results_queue" if mcore_at_least("0.19") else "_get_write_results_queue", queue)
 
 
 @_patch("alltoall_splits", "cpu", "transformer/moe/moe_utils.py:1093 (maybe_move_tensor_to_cpu)",
@@ -437,7 +467,8 @@ def _alltoall_splits():
 
 
 @_patch("router_gemm_name", "no_te", "transformer/moe/moe_utils.py:1192",
-        "te_general_gemm is referenced although it is only imported with Transformer Engine (NameError)")
+        "te_general_gemm is referenced although it is only imported with Transformer Engine (NameError); "
+        "0.19 sets it to None without TE (moe_utils.py:52)", versions=("0.16", "0.16"))
 def _router_gemm_name():
     from megatron.core.transformer.moe import moe_utils as mu
 

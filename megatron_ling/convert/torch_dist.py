@@ -2,8 +2,10 @@
 
 A torch_dist checkpoint directory (``iter_NNNNNNN/``) holds ``.metadata`` (a pickled
 ``torch.distributed.checkpoint.Metadata``: every key's global shape, dtype and saved chunks, and
-where each chunk's bytes are), ``__<rank>_<n>.distcp`` data files, ``common.pt`` (the non-tensor
-state: megatron-ling stores ``ling_config`` there) and ``metadata.json`` (megatron's backend tag).
+where each chunk's bytes are), ``__<rank>_<n>.distcp`` data files, the non-tensor state (megatron-ling
+stores ``ling_config`` there; ``common.pt`` up to megatron-core 0.16, a ``common_state`` object in the
+.distcp files from 0.19: read by ``checkpoint.layout.read_common_state``) and ``metadata.json``
+(megatron's backend tag).
 
 ``TorchDistReader.read(key)`` assembles one full tensor from whatever chunks the training layout
 wrote (TP/ETP row or column shards, EP expert shards, any PP/VPP stage), using torch's own

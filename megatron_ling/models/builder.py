@@ -45,6 +45,9 @@ def build_ling_model(config: LingConfig, tf_config, pre_process: bool | None = N
     if post_process is None:
         post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     block, mtp = layer_specs(tf_config, vp_stage=vp_stage)
+    from megatron_ling import compat
+
+    compat.quiet_gptmodel_deprecation()
     return GPTModel(
         config=tf_config,
         transformer_layer_spec=block,

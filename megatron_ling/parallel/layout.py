@@ -81,13 +81,17 @@ def check_layout(layout: str, pp: int, num_layers: int, mtp_layers: int, vpp: in
         if len(holders) != 1:
             raise LingConfigError(f"{_FIELD}: all MTP layers must be in one stage in {layout!r} (megatron-core "
                                   f"builds the MTP block in one virtual stage)")
-        if holders[0] != len(flat) - 1 and nv > 1:
-            # A standalone MTP stage (MTP on another pp rank than the loss) trains correctly with the
-            # 1F1B schedule (tests/test_parallel_fidelity.py), but megatron-core 0.16.1's interleaved
-            # schedule deadlocks in its shape exchange (p2p_communication.py:238, mtp_standalone).
-            raise LingConfigError(f"{_FIELD}: with vpp={nv}, MTP must be in the last stage together with the "
-                                  f"loss (e.g. '...|tmL'); megatron-core 0.16.1's interleaved schedule hangs "
-                                  f"with MTP on another pipeline rank (use vpp=1 for a standalone MTP stage)")
+        if nv > 1 and holders[0] < (nv - 1) * pp:
+            # megatron-core builds the MTP block only in the last virtual stage of a pipeline rank
+            # (pipeline_parallel_layer_layout.py:120).
+            raise LingConfigError(f"{_FIELD}: with vpp={nv}, MTP must be in the last virtual stage of its pipeline "
+                                  f"rank (one of the last {pp} stages of {layout!r}, e.g. '...|m|L' or '...|tmL')")
+        if nv > 1 and holders[0] == (nv - 1) * pp:
+            # Pipeline rank 0 would hold two copies of the word embedding (stage 0 and the MTP
+            # stage); finalize_model_grads sums only model[0]'s over the embedding group
+            # (finalize_model_grads.py:233), so the copies silently drift apart.
+            raise LingConfigError(f"{_FIELD}: with vpp={nv}, MTP must not be on pipeline rank 0 (stage "
+                                  f"{holders[0]} of {layout!r}); put it on a later rank's last virtual stage")
     stages = tuple(tuple(flat[v * pp + r] for v in range(nv)) for r in range(pp))
     return Layout(text=layout, pp=pp, vpp=nv, stages=stages)
 

@@ -1,8 +1,8 @@
 """Pipeline layout planner: uneven (even empty) stages minimising simulated iteration time.
 
 A layout places the decoder layers (D first, then M, in model order) into ``pp * vpp`` schedule
-stages; 'E' is on stage 0 and, as megatron-core 0.16.1 requires, the MTP layer(s) sit with the loss
-'L' on the last stage (``megatron_ling.parallel.layout.check_layout``). So a layout is a vector of
+stages; 'E' is on stage 0 and the MTP layer(s) sit with the loss 'L' on the last stage, or on their
+own stage just before it (``mtp_standalone``; ``megatron_ling.parallel.layout.check_layout``). So a layout is a vector of
 per-stage layer counts ``c[i] >= 0`` summing to ``num_hidden_layers``.
 
 Search: (1) a min-max start (binary search on the largest stage time, greedy fill), (2) local
@@ -115,7 +115,7 @@ class _Problem:
         head = [cost.unit("E")]
         mtp_units = [cost.unit(k) for k in ["MTP_T", "MTP_L"] * self.mtp]
         # mtp_standalone: MTP on stage S-2, the loss alone on stage S-1 (layers may not follow MTP,
-        # so the last stage holds no layer). Not runnable on megatron-core 0.16.1 (it hangs).
+        # so the last stage holds no layer).
         self.standalone = bool(mtp_standalone and self.mtp and self.S > 1)
         tail = [cost.unit("L")] + ([] if self.standalone else mtp_units)
         attrs = ("fwd_s", "bwd_s", "act_bytes", "param_bytes")
@@ -251,10 +251,11 @@ class _Problem:
 
 
 def standalone_mtp_runnable(cfg: LingConfig, pp: int, vpp: int) -> bool:
-    """MTP on its own stage before the loss stage trains correctly on megatron-core 0.16.1 without
-    virtual stages (with megatron-ling's embedding group, see parallel/layout.py); with vpp > 1 the
-    interleaved schedule deadlocks."""
-    return bool(cfg.num_nextn_predict_layers) and pp > 1 and (vpp or 1) == 1
+    """MTP on its own stage before the loss stage (stage S-2: the last virtual stage of pp rank
+    pp-2) trains correctly on megatron-core 0.16.1 and 0.19 with and without virtual stages (with
+    megatron-ling's embedding group, parallel/layout.py, and on gloo compat's gloo_shape_exchange).
+    It needs pp > 1, and with vpp > 1 pp > 2 (rank 0 may not hold it: check_layout)."""
+    return bool(cfg.num_nextn_predict_layers) and pp > 1 and ((vpp or 1) == 1 or pp > 2)
 
 
 def plan(cfg: LingConfig, pp: int, vpp: int, num_microbatches: int, opts: CostOptions,
@@ -264,9 +265,8 @@ def plan(cfg: LingConfig, pp: int, vpp: int, num_microbatches: int, opts: CostOp
     """Search the layout minimising simulated iteration time; also evaluates the uniform split.
 
     ``mtp_standalone``: None (default) also tries the MTP layer on its own stage before the loss
-    stage (what Ling 2.0 does) wherever megatron-core can run it (vpp == 1) and keeps the faster
-    plan; True forces it (with vpp > 1 as what-if analysis only: not runnable on 0.16.1); False
-    keeps MTP with the loss.
+    stage (what Ling 2.0 does) wherever megatron-core can run it (``standalone_mtp_runnable``) and
+    keeps the faster plan; True forces it; False keeps MTP with the loss.
     """
     if mtp_standalone is None:
         kw = dict(mem_cap_gib=mem_cap_gib, calibration=calibration, hardware=hardware, group=group,
@@ -334,13 +334,9 @@ def _plan(cfg: LingConfig, pp: int, vpp: int, num_microbatches: int, opts: CostO
     if stock.over_cap(uni.counts) > 0:
         notes.append("the uniform split exceeds the memory cap")
     best_eval = prob.evaluate(best)
-    if prob.standalone and not standalone_mtp_runnable(cfg, pp, vpp):
-        notes.append("MTP standalone with vpp > 1: megatron-core 0.16.1 deadlocks in the interleaved schedule "
-                     "(what-if analysis only)")
-    else:
-        check_layout(best_eval.layout, pp, cfg.num_hidden_layers, cfg.num_nextn_predict_layers, vpp)
-        if prob.standalone:
-            notes.append("MTP on its own stage before the loss stage (runs on megatron-core 0.16.1 without vpp)")
+    check_layout(best_eval.layout, pp, cfg.num_hidden_layers, cfg.num_nextn_predict_layers, vpp)
+    if prob.standalone:
+        notes.append("MTP on its own stage before the loss stage")
     return PlanResult(best=best_eval, uniform=uni, evaluations=prob.evals, seconds=time.time() - t0, notes=notes)
 
 

@@ -71,8 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     lay.add_argument("--evaluate", default=None, metavar="LAYOUT", help="only simulate this layout string")
     mtp = lay.add_mutually_exclusive_group()
     mtp.add_argument("--mtp-standalone", dest="mtp_standalone", action="store_const", const=True, default=None,
-                     help="force MTP on its own stage before the loss (default: tried whenever vpp == 1, where "
-                          "megatron-core 0.16.1 runs it; with vpp > 1 what-if only)")
+                     help="force MTP on its own stage before the loss (default: tried wherever it runs: pp > 1, and pp > 2 with vpp > 1)")
     mtp.add_argument("--mtp-with-loss", dest="mtp_standalone", action="store_const", const=False,
                      help="keep MTP in the loss stage")
     lay.add_argument("--time-budget", type=float, default=20.0, help="search time limit, seconds")
