@@ -88,8 +88,8 @@ LAYOUTS = [
     # chunk: stage i is chunk i // pp of rank i % pp.
     ("pp4_vpp2_mtp_standalone_Et|t|t||t||m|L", 4, dict(pp=4, vpp=2, pipeline_layout="Et|t|t||t||m|L"),
      dict(pp=4), _layers([[1], [4]], [[2], []], [[3], []], [[], []])),
-    ("pp3_vpp2_mtp_standalone_Et|t|t|t|m|L", 3, dict(pp=3, vpp=2, pipeline_layout="Et|t|t|t|m|L"), dict(pp=3),
-     _layers([[1], [4]], [[2], []], [[3], []])),
+    ("pp4_vpp2_mtp_standalone_E|t|t|t||t|m|L", 4, dict(pp=4, vpp=2, pipeline_layout="E|t|t|t||t|m|L"),
+     dict(pp=4), _layers([[], []], [[1], [4]], [[2], []], [[3], []])),
     ("dp2_ep2_pp2", 4, dict(pp=2, ep=2), dict(pp=2, dp=2, ep=2, tp=1), None),
 ]
 

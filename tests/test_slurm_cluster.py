@@ -65,9 +65,28 @@ def slurm_cluster():
 
 
 # ------------------------------------------------------------------------------------ helpers
+STARTED: list[str] = []  # every job a test submitted; cancelled after the test if still alive
+
+
+@pytest.fixture(autouse=True)
+def _cancel_started_jobs():
+    """A test stops what it starts, also when it fails: a failed assertion must not leave a training
+    job running on the cluster (a kill-during-save job once ran on for ten minutes)."""
+    yield
+    while STARTED:
+        job = STARTED.pop()
+        info = slurmctl.show_job(job)
+        if info and info.get("JobState") not in TERMINAL:
+            subprocess.run(["scancel", job], capture_output=True, timeout=30)
+
+
 def ling_slurm(*args, cwd, timeout=180):
     proc = subprocess.run([sys.executable, "-m", "megatron_ling.launch.cli", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
+    if proc.returncode == 0 and args and args[0] in ("submit", "resubmit"):
+        words = proc.stdout.split()
+        if len(words) > 2 and words[2].isdigit():
+            STARTED.append(words[2])
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -301,6 +320,7 @@ def test_convert_template_exports_the_reference_checkpoint(reference_run, tmp_pa
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip().split(";")[0]
+    STARTED.append(job)
     info = wait_job(job, tmp_path, timeout=180)
     log = (tmp_path / f"ling-convert-{job}.out").read_text(errors="replace")
     assert info["JobState"] == "COMPLETED", log[-3000:]
