@@ -172,7 +172,12 @@ def test_from_hf_matches_reference_at_two_layouts(ckpts, work):
     # exactly the keys (tensors and ShardedObjects) megatron-core itself writes for this model
     md_imp = pickle.load(open(os.path.join(imp, "iter_0000000", ".metadata"), "rb")).state_dict_metadata
     md_meg = pickle.load(open(os.path.join(ckpts["ep2"], "iter_0000010", ".metadata"), "rb")).state_dict_metadata
-    assert set(md_imp) == set(md_meg)
+    # (megatron-core 0.19 keeps the common state as a 'common_state' object in the .distcp files; the
+    # importer writes common.pt, which 0.19 reads as its legacy format -- checked with its own reader)
+    assert set(md_imp) == set(md_meg) - {"common_state/shard_0_1"}
+    from megatron.core import dist_checkpointing
+
+    assert dist_checkpointing.load_common_state_dict(os.path.join(imp, "iter_0000000"))["ling_config"]
     assert all(getattr(md_imp[k], "size", None) == getattr(md_meg[k], "size", None) for k in md_imp)
 
 
