@@ -108,7 +108,7 @@ def test_gloo_shape_exchange_prevents_the_mtp_standalone_vpp_deadlock():
     par = dict(pp=4, vpp=2, pipeline_layout="Et|t|t||t||m|L")
     ref = F.reference(SC)
     with pytest.raises(RankFailure) as e:
-        run_ranks(F.layout_run, 4, dict(scenario=SC, parallel=par, full0=ref["full0"]),
+        run_ranks(F.layout_run, 4, dict(recipe=SC, parallel=par, full0=ref["full0"]),
                   compat_exclude={"gloo_shape_exchange"}, pg_timeout_s=10, timeout_s=45, grace_s=5)
     stacks = str(e.value)
     assert "still running" in stacks and "_communicate_shapes" in stacks, stacks[-3000:]

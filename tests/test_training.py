@@ -161,10 +161,10 @@ def test_logged_mtp_loss_matches_the_loss_of_the_mtp_logits(world, parallel):
     """The logged MTP loss is the cross entropy of the MTP head's logits against the labels one
     position further on (recomputed here, not read from megatron-core's tracker). On megatron-core
     0.19 reading 0.16.1's tracker key logged 0.0000 while MTP trained."""
-    from megatron_ling.testing import fidelity as F
-    from megatron_ling.testing import run_ranks
+    from tests.support import fidelity as F
+    from tests.support.harness import run_ranks
 
-    out = run_ranks(F.mtp_loss_check, world, dict(scenario=F.Scenario(steps=1), parallel=parallel),
+    out = run_ranks(F.mtp_loss_check, world, dict(recipe=F.case(steps=1), parallel=parallel),
                     timeout_s=120, grace_s=3)
     recomputed = [o["recomputed"] for o in out if o["recomputed"] is not None]
     assert len(recomputed) == 1, out  # exactly one stage holds the output layer

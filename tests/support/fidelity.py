@@ -246,8 +246,8 @@ def compare(ref: dict, ranks: list) -> dict:
     return d
 
 
-def mtp_loss_check(ctx, scenario: Scenario, parallel: dict) -> dict:
-    """One training step; returns the MTP loss megatron-ling logged and the one recomputed here from
+def mtp_loss_check(ctx, recipe: Recipe, parallel: dict) -> dict:
+    """One trainer step; returns the MTP loss megatron-ling logged and the one recomputed here from
     the MTP heads' own logits (output-layer calls captured on the stage holding the output layer).
 
     Independent of megatron-core's loss code: MTP layer k predicts the label k+1 positions further
@@ -256,12 +256,10 @@ def mtp_loss_check(ctx, scenario: Scenario, parallel: dict) -> dict:
     mean over micro-batches (one data-parallel rank here)."""
     import torch.nn.functional as Fn
 
-    from megatron_ling.parallel.weights import unwrap
-    from megatron_ling.training.step import train_step
+    from tests.support.weights import unwrap
 
-    sc = scenario
-    vocab = sc.ling().vocab_size
-    bundle, optimizer, _ = build(sc, parallel)
+    session = start(ctx, recipe, parallel)
+    bundle, seq = session.bundle, recipe.training.seq_length
     m_layers = bundle.tf_config.mtp_num_layers
     calls, hooks = [], []
     for c in bundle.chunks:
@@ -269,8 +267,8 @@ def mtp_loss_check(ctx, scenario: Scenario, parallel: dict) -> dict:
         if getattr(m, "post_process", False) and getattr(m, "output_layer", None) is not None:
             # clone: megatron's vocab-parallel cross entropy works in place on the logits
             hooks.append(m.output_layer.register_forward_hook(lambda mod, i, o: calls.append(o[0].detach().clone())))
-    mbs = dp_share(global_batch(sc, 0, vocab))
-    r = train_step(bundle, optimizer, mbs, sc.seq_length, sc.micro_batch_size)
+    mbs = dp_share(global_batch(recipe, 0, session.ling.vocab_size))
+    r = session.step(mbs)
     for h in hooks:
         h.remove()
     logged = [r.extra[f"mtp_{k + 1}_loss"] for k in range(m_layers)]
@@ -282,7 +280,7 @@ def mtp_loss_check(ctx, scenario: Scenario, parallel: dict) -> dict:
         per_mb = calls[i * (1 + m_layers):(i + 1) * (1 + m_layers)]  # MTP heads first, then the main head
         for k in range(m_layers):
             shift = k + 1
-            logits = per_mb[k].transpose(0, 1).double()[:, : sc.seq_length - shift]  # [b, s-shift, V]
+            logits = per_mb[k].transpose(0, 1).double()[:, : seq - shift]  # [b, s-shift, V]
             labels = mb["labels"][:, shift:]
             mask = mb["loss_mask"][:, shift:].double()
             ce = Fn.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
