@@ -86,6 +86,12 @@ def mtp_tracked_losses(reduce: bool = True) -> torch.Tensor | None:
     return H.tracker[key].detach().clone()
 
 
+def mtp_inner_layer(mtp_layer):
+    """The transformer layer inside a MultiTokenPredictionLayer: ``transformer_layer`` in 0.16.1,
+    ``mtp_model_layer`` in 0.19 (multi_token_prediction.py:1022/1039)."""
+    return mtp_layer.mtp_model_layer if mcore_at_least("0.19") else mtp_layer.transformer_layer
+
+
 def clear_mtp_tracker() -> None:
     """Forget every recorded MTP loss (and its groups)."""
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper as H

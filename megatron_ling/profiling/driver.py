@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from megatron_ling import compat
 from megatron_ling.data.random_batches import random_microbatch
 from megatron_ling.local_launch import run_local
 from megatron_ling.models.config import LingConfig
@@ -106,7 +107,7 @@ def calibrate(ling: LingConfig, seq_length: int, micro_batch_size: int, reps: in
             x = x0.clone().requires_grad_(backward)
             e = model.embedding(input_ids=tokens, position_ids=pos)
             hid = mtp.eh_proj(torch.cat([mtp.enorm(e), mtp.hnorm(x)], dim=-1))[0]
-            out = mtp.transformer_layer(hidden_states=hid, attention_mask=None, rotary_pos_emb=rope)
+            out = compat.mtp_inner_layer(mtp)(hidden_states=hid, attention_mask=None, rotary_pos_emb=rope)
             out = out[0] if isinstance(out, tuple) else out
             out = mtp.final_layernorm(out)
             if backward:
