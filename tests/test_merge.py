@@ -159,3 +159,65 @@ def test_refusals_are_one_line(two_layouts, tmp_path, capsys):
     # --force replaces
     assert merge_main([two_layouts, "--last", "1", "--out", exists, "--force", "--no-progress"]) == 0
     assert os.path.exists(os.path.join(exists, "iter_0000020", ".metadata"))
+
+
+# ----------------------------------------------------------- with the project's real trainer
+SMALL = ["training.seq_length=64", "training.micro_batch_size=4", "training.global_batch_size=8",
+         "lr.warmup_iters=2", "logging.log_interval=1", "lr.schedule=constant"]
+
+
+def _train(run_dir, *overrides):
+    cmd = [sys.executable, "-m", "megatron_ling.training.cli", "--nproc-per-node", "2", "--config", "quickstart",
+           f"run_dir={run_dir}", *SMALL, *overrides]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+@pytest.mark.slow
+def test_merged_trainer_checkpoints_resume_in_ling_train_and_export(tmp_path):
+    run = str(tmp_path / "run")
+    out = _train(run, "training.train_iters=6", "checkpoint.interval=2", "logging.peak_tflops=0.1")
+    # the console line carries Megatron-LM's throughput per GPU and the MFU (peak from the recipe)
+    line = next(x for x in out.splitlines() if x.startswith("iter 6/6"))
+    assert "TFLOP/s/GPU " in line and "MFU " in line and "%" in line, line
+    metrics = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+    assert all(m["tflops_per_gpu"] > 0 and 0 < m["mfu"] < 1 for m in metrics)
+    ckpt = os.path.join(run, "checkpoints")
+    merged = str(tmp_path / "merged")
+    assert merge_main([ckpt, "--last", "3", "--shape", "1-sqrt", "--out", merged, "--no-progress"]) == 0
+    plan = plan_merge([ckpt], last=3)
+    assert plan.iterations == [2, 4, 6]
+    # merged = Σ c_j θ_j of the trainer's checkpoints (saved with distributed-optimizer state, TP2 x EP2)
+    m = _tensors(merged)
+    src = [_tensors(os.path.join(ckpt, f"iter_{i:07d}")) for i in (2, 4, 6)]
+    k = "decoder.layers.1.mlp.experts.experts.linear_fc1.weight"
+    k = k if k in m else next(x for x in m if "experts" in x)
+    want = src[0][k] * plan.coefficients[0] + src[1][k] * plan.coefficients[1]
+    want = want + src[2][k] * plan.coefficients[2]
+    assert torch.equal(m[k], want)
+    assert not any(x.startswith("optimizer.") for x in TorchDistReader(merged).tensors)
+
+    # resume: weights only, iteration 6 -> 8, LR schedule continues, fresh optimizer moments
+    resumed = str(tmp_path / "resumed")
+    out = _train(resumed, "training.train_iters=8", f"checkpoint.resume={merged}")
+    assert "weights only" in out and "starting at iteration 6" in out, out[-2000:]
+    got = [json.loads(x) for x in open(os.path.join(resumed, "metrics.jsonl"))]
+    assert [g["iteration"] for g in got] == [7, 8] and all(math.isfinite(g["lm_loss"]) for g in got)
+    # finetune: weights only from iteration 0
+    ft = str(tmp_path / "ft")
+    out = _train(ft, "training.train_iters=2", f"checkpoint.resume={merged}", "checkpoint.finetune=true",
+                 "checkpoint.save=false")
+    assert "starting at iteration 0" in out
+
+    # export with ling-convert, and straight to HF with --hf: the same tensors
+    from megatron_ling.convert.cli import main as convert_main
+
+    hf1, hf2 = str(tmp_path / "hf1"), str(tmp_path / "hf2")
+    assert convert_main(["to-hf", merged, hf1, "--dtype", "fp32", "--no-progress"]) == 0
+    assert merge_main([ckpt, "--last", "3", "--hf", "--dtype", "fp32", "--out", hf2, "--no-progress"]) == 0
+    a = {k: v for f in glob.glob(os.path.join(hf1, "*.safetensors")) for k, v in load_file(f).items()}
+    b = {k: v for f in glob.glob(os.path.join(hf2, "*.safetensors")) for k, v in load_file(f).items()}
+    assert set(a) == set(b) and len(a) > 50 and all(torch.equal(a[x], b[x]) for x in a)
+    assert json.load(open(os.path.join(hf2, "config.json")))["num_experts"] == 8

@@ -259,4 +259,4 @@ def merge(plan: MergePlan, out_dir: str, expert_bias: str = "merge", hf: bool = 
             f.write(str(it))
     tp.read, tp.written = merged.bytes_read, writer.bytes_written
     return MergeResult(os.path.abspath(out_dir), plan, len(merged.keys),
-                       tp.summary(f"merge {merged.path} -> {out_dir}"))
+                       tp.summary(f"{merged.path} -> {out_dir}"))
