@@ -79,6 +79,7 @@ def main():
     ap.add_argument("--iters", type=int, default=150)
     ap.add_argument("--interval", type=int, default=10)
     ap.add_argument("--window", type=int, default=60, help="decay / merge window, a multiple of --interval")
+    ap.add_argument("--lr", type=float, default=None, help="peak LR (default: the quick-start recipe's 3e-3)")
     ap.add_argument("--eval-samples", type=int, default=64)
     ap.add_argument("--out", default="/tmp/wsm-bench")
     ap.add_argument("--force", action="store_true")
@@ -93,11 +94,12 @@ def main():
     from megatron_ling.merge.cli import main as merge_main
 
     t0 = time.time()
-    const = train(os.path.join(a.out, "constant"), a.iters, a.interval, "lr.schedule=wsm")
+    lr = [f"optimizer.lr={a.lr}"] if a.lr else []
+    const = train(os.path.join(a.out, "constant"), a.iters, a.interval, "lr.schedule=wsm", *lr)
     dec = {}
     for style in ("minus_sqrt", "linear"):
         dec[style] = train(os.path.join(a.out, f"decay_{style}"), a.iters, a.iters, "lr.schedule=wsd",
-                           f"lr.wsd_decay_iters={a.window}", f"lr.wsd_decay_style={style}")
+                           f"lr.wsd_decay_iters={a.window}", f"lr.wsd_decay_style={style}", *lr)
     k1 = a.window // a.interval + 1
     merged = {}
     for shape in ("1-sqrt", "linear", "ema"):
@@ -110,7 +112,7 @@ def main():
              "decay linear (wsd linear)": dec["linear"], f"merge 1-sqrt of last {k1}": merged["1-sqrt"],
              f"merge linear (= mean) of last {k1}": merged["linear"], f"merge ema 0.9 of last {k1}": merged["ema"]}
     losses = heldout_losses(paths, a.eval_samples, seq)
-    print(f"\nWSM on the quick-start model: {a.iters} iterations, checkpoints every {a.interval}, window "
+    print(f"\nWSM on the quick-start model: peak LR {a.lr or 3e-3:g}, {a.iters} iterations, checkpoints every {a.interval}, window "
           f"{a.window} ({k1} checkpoints), held-out loss on {a.eval_samples} x {seq} tokens "
           f"({time.strftime('%Y-%m-%d')}, {time.time() - t0:.0f} s)\n")
     print(f"| {'model':<34} | held-out loss |")

@@ -71,3 +71,11 @@ def test_peak_from_recipe_gives_mfu():
     assert s["tflops_per_gpu"] == pytest.approx(m.flops / 2.0 / 2 / 1e12)
     assert s["mfu"] == pytest.approx(m.model_flops / 2.0 / 2 / 0.5e12)
     assert "mfu" not in ThroughputMeter(r.model.ling_config(), load_recipe("quickstart"), 2).scalars(1.0)  # CPU
+
+
+def test_bad_peak_is_refused():
+    from megatron_ling.errors import LingConfigError
+    from megatron_ling.training.recipe import load_recipe
+
+    with pytest.raises(LingConfigError, match=r"^logging.peak_tflops: must be > 0"):
+        load_recipe("quickstart", ["logging.peak_tflops=-1"]).validate(2)
