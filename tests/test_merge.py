@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_ling.convert.synthetic import save_megatron_checkpoint
+from tests.support.synthetic import save_megatron_checkpoint
 from megatron_ling.convert.torch_dist import TorchDistReader
 from megatron_ling.errors import LingConfigError
 from megatron_ling.merge.cli import main as merge_main

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_ling.testing import run_ranks
+from tests.support.harness import run_ranks
 
 LAYOUTS = {
     "tp2-ep2-distopt-fp32": [],  # the quick-start layout

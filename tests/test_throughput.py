@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_ling.convert.verify import single_process_megatron
 from megatron_ling.models.config import get_preset
-from megatron_ling.profiling.costmodel import training_flops_per_token
+from megatron_ling.pipeline.costmodel import training_flops_per_token
 
 CFG = get_preset("ling-tiny")
 B, S = 2, 64

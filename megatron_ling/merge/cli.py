@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_ling.errors import LingConfigError
+from megatron_ling.errors import LingConfigError, cli_main
 from megatron_ling.merge.coefficients import SHAPES
 
 
@@ -38,24 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_ling.merge.merge import MergedCheckpoint, merge, plan_merge
 
-    try:
-        if not args.dry_run and not args.out:
-            raise LingConfigError("--out: give the output directory (or --dry-run to only print the plan)")
-        plan = plan_merge(args.inputs, last=args.last, iterations=args.iterations, shape=args.shape,
-                          ema_decay=args.ema_decay, exp_rate=args.exp_rate, weights=args.weights)
-        if args.dry_run:
-            MergedCheckpoint(plan, args.expert_bias)  # same-model checks, nothing read or written
-            print(plan.table())
-            return 0
-        r = merge(plan, args.out, expert_bias=args.expert_bias, hf=args.hf, hf_dtype=args.dtype, force=args.force,
-                  show_progress=not args.no_progress)
-    except LingConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if not args.dry_run and not args.out:
+        raise LingConfigError("--out: give the output directory (or --dry-run to only print the plan)")
+    plan = plan_merge(args.inputs, last=args.last, iterations=args.iterations, shape=args.shape,
+                      ema_decay=args.ema_decay, exp_rate=args.exp_rate, weights=args.weights)
+    if args.dry_run:
+        MergedCheckpoint(plan, args.expert_bias)  # same-model checks, nothing read or written
+        print(plan.table())
+        return 0
+    r = merge(plan, args.out, expert_bias=args.expert_bias, hf=args.hf, hf_dtype=args.dtype, force=args.force,
+              show_progress=not args.no_progress)
     print(plan.table())
     print(r.summary)
     return 0

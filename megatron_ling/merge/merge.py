@@ -24,20 +24,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from megatron_ling.convert import names as N
+from megatron_ling.checkpoint import layout
+from megatron_ling.convert import mapping as N
 from megatron_ling.convert.common import Throughput, atomic_dir, check_output, progress
-from megatron_ling.convert.torch_dist import TRACKER, TorchDistReader, TorchDistWriter, iteration_dir
+from megatron_ling.convert.torch_dist import TorchDistReader, TorchDistWriter
 from megatron_ling.errors import LingConfigError
 from megatron_ling.merge.coefficients import merge_coefficients, update_weights
 from megatron_ling.models.config import LingConfig
 
-_ITER_RE = re.compile(r"^iter_(\d{7})$")
 _EXPERT_ROLES = ("experts_fc1", "experts_fc2")
 
 
@@ -68,23 +67,25 @@ class MergePlan:
 
 
 def find_checkpoints(inputs: list[str]) -> dict[int, str]:
-    """iteration -> iter_* directory, from checkpoint roots (every complete iter_* inside) and/or
-    single iter_* directories."""
+    """iteration -> iter_* directory, from run / checkpoint directories (every complete iter_*
+    inside) and/or single iter_* directories (the checkpoint layout: ``checkpoint.layout``)."""
     found: dict[int, str] = {}
     for p in inputs:
         if not os.path.isdir(p):
             raise LingConfigError(f"checkpoints: {p} is not a directory; pass a checkpoint directory "
                                   f"(with iter_* inside) or iter_* directories")
-        if os.path.exists(os.path.join(p, ".metadata")):
-            m = _ITER_RE.match(os.path.basename(os.path.normpath(p)))
-            it = int(m.group(1)) if m else int(TorchDistReader(p).common_state().get("iteration", -1))
-            if it < 0:
+        if layout.is_checkpoint(p):
+            name = os.path.basename(os.path.normpath(p))
+            it = layout.parse_iteration(name[len("iter_"):]) if name.startswith("iter_") else None
+            if not isinstance(it, int):
+                it = layout.read_common_state(p).get("iteration")
+            if not isinstance(it, int):
                 raise LingConfigError(f"checkpoints: {p} names no iteration (not an iter_* directory and "
-                                      f"no 'iteration' in common.pt)")
+                                      f"no 'iteration' in its common state)")
             items = [(it, p)]
         else:
-            items = [(int(m.group(1)), os.path.join(p, d)) for d in os.listdir(p)
-                     if (m := _ITER_RE.match(d)) and os.path.exists(os.path.join(p, d, ".metadata"))]
+            root = p if layout.list_iterations(p) else os.path.join(p, layout.RUN_SUBDIR)
+            items = [(it, layout.iteration_dir(root, it)) for it in layout.list_iterations(root)]
             if not items:
                 raise LingConfigError(f"checkpoints: {p} holds no complete iter_* checkpoint")
         for it, d in items:
@@ -242,7 +243,7 @@ def merge(plan: MergePlan, out_dir: str, expert_bias: str = "merge", hf: bool = 
     it = merged.common()["iteration"]
     total = sum(torch.Size(s).numel() * merged.dtype(k).itemsize for k, s in merged.keys.items())
     with atomic_dir(out_dir, force) as tmp:
-        writer = TorchDistWriter(iteration_dir(tmp, it))
+        writer = TorchDistWriter(layout.iteration_dir(tmp, it))
         bar = progress(total, "merge", show_progress)
         for key in merged.keys:
             t = merged.read(key)
@@ -255,8 +256,7 @@ def merge(plan: MergePlan, out_dir: str, expert_bias: str = "merge", hf: bool = 
                 writer.add_bytes(key, last.read_bytes(key))
         bar.close()
         writer.close(merged.common())
-        with open(os.path.join(tmp, TRACKER), "w") as f:
-            f.write(str(it))
+        layout.write_tracker(tmp, it)
     tp.read, tp.written = merged.bytes_read, writer.bytes_written
     return MergeResult(os.path.abspath(out_dir), plan, len(merged.keys),
                        tp.summary(f"{merged.path} -> {out_dir}"))

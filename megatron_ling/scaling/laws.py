@@ -72,7 +72,7 @@ def efficiency_leverage(a: float, g: float, c: float) -> float:
 def non_embedding_flops_per_token(cfg: LingConfig, seq_length: int) -> float:
     """M: forward + backward FLOPs per token of the decoder layers (no embedding, output layer or
     MTP), from the profiling cost model's per-layer counts."""
-    from megatron_ling.profiling.costmodel import CostModel, CostOptions
+    from megatron_ling.pipeline.costmodel import CostModel, CostOptions
 
     cm = CostModel(cfg, CostOptions(seq_length=seq_length))
     k = cfg.first_k_dense_replace

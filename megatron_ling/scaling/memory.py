@@ -1,6 +1,6 @@
 """Per-rank memory of a recipe at its parallel layout (``ling-plan memory``).
 
-Parameters are counted tensor by tensor from the model's Megatron shapes (``convert.names``) and
+Parameters are counted tensor by tensor from the model's Megatron shapes (``convert.mapping``) and
 split the way megatron-core splits them: attention / dense-MLP / shared-expert linears, the word
 embedding and the output layer over TP; routed experts over EP x expert-TP; norms and the router
 replicated; the expert bias is a buffer (no gradient, no optimizer state). Pipeline ranks hold the
@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from megatron_ling.convert import names as N
+from megatron_ling.convert import mapping as N
 from megatron_ling.parallel.layout import check_layout, embedding_pp_ranks, expand, uniform_layout
 
 _TP_SPLIT = {"embed", "lm_head", "qkv", "proj", "fc1", "fc2", "shared_fc1", "shared_fc2", "eh_proj"}
@@ -90,7 +90,7 @@ def _units(stage: str, first_layer: int) -> tuple[list, int]:
 def estimate_memory(recipe, world_size: int | None = None) -> list[RankMemory]:
     """Per pipeline rank (the ranks of one stage are alike): parameter, gradient, optimizer and
     activation bytes."""
-    from megatron_ling.profiling.costmodel import CostModel, CostOptions
+    from megatron_ling.pipeline.costmodel import CostModel, CostOptions
 
     ling = recipe.model.ling_config()
     par, t, opts = recipe.parallel, recipe.training, recipe.model.options()

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from megatron_ling.profiling.costmodel import training_flops_per_token
+from megatron_ling.pipeline.costmodel import training_flops_per_token
 
 # device-name substring -> dense peak TFLOP/s per GPU for (tf32, bf16/fp16, fp8); first match wins
 PEAK_TFLOPS = (

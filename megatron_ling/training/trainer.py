@@ -246,7 +246,7 @@ def run(session: Session) -> TrainResult:
     logger = MetricsLogger(rank, recipe.tensorboard_dir, recipe.metrics_file, t.train_iters)
     from megatron_ling.training.throughput import ThroughputMeter
 
-    meter = ThroughputMeter(ling, recipe, world)
+    meter = ThroughputMeter(s.ling, recipe, s.world)
     stop = StopRequest()
     losses, last_saved, reason = [], None, "completed"
     interval = recipe.checkpoint.interval
