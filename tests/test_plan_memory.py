@@ -35,7 +35,7 @@ def measured_rank(ctx, overrides):
     r = load_recipe("quickstart", ["training.seq_length=32", "training.micro_batch_size=2",
                                    "training.global_batch_size=4", *overrides])
     ling = r.model.ling_config()
-    init_model_parallel(r.parallel, 1234, tied_embeddings=ling.tie_word_embeddings)
+    init_model_parallel(r.parallel, ling, 1234)
     bundle = build_model(ling, r.parallel, r.model.options())
     o = r.optimizer
     opt = build_optimizer(bundle, r.parallel, r.model.options(), lr=o.lr)
