@@ -49,6 +49,7 @@ setup(
             "ling-plan=megatron_ling.profiling.plan_cli:main",
             "ling-bubbles=megatron_ling.profiling.bubbles_cli:main",
             "ling-params=megatron_ling.models.cli:main",
+            "ling-merge=megatron_ling.merge.cli:main",
         ]
     },
 )

@@ -105,7 +105,8 @@ def to_hf(ckpt_dir: str, out_dir: str, dtype: str = "bf16", mtp: str = "keep", s
           hf_files: str | None = None, config: str | None = None, force: bool = False,
           show_progress: bool = True) -> ToHFResult:
     """Convert; returns what was written. Raises LingConfigError (one line) on bad input, before
-    anything is written (the output appears only when complete)."""
+    anything is written (the output appears only when complete). ``ckpt_dir`` may also be an
+    object with TorchDistReader's read interface (``ling-merge --hf`` streams a merge through it)."""
     if dtype not in ("bf16", "fp32", "fp8"):
         raise LingConfigError(f"--dtype: must be bf16, fp32 or fp8, got {dtype!r}")
     if mtp not in ("keep", "drop"):
@@ -115,7 +116,7 @@ def to_hf(ckpt_dir: str, out_dir: str, dtype: str = "bf16", mtp: str = "keep", s
     check_output(out_dir, force)
     if hf_files is not None and not os.path.isdir(hf_files):
         raise LingConfigError(f"--hf-files: {hf_files} is not a directory")
-    reader = TorchDistReader(ckpt_dir)
+    reader = TorchDistReader(ckpt_dir) if isinstance(ckpt_dir, str) else ckpt_dir
     cfg = load_config(reader, config)
     keys = index_checkpoint(reader, cfg)
     keep_mtp = mtp == "keep" and cfg.num_nextn_predict_layers > 0

@@ -75,6 +75,9 @@ class TorchDistReader:
         self._reader.set_up_storage_reader(self.metadata, is_coordinator=True)
         self.tensors = {k: v for k, v in self.metadata.state_dict_metadata.items()
                         if isinstance(v, TensorStorageMetadata)}
+        # ShardedObjects (e.g. ``_extra_state``): pickled bytes, copied verbatim, never unpickled here
+        self.objects = {i.fqn: i for i in self.metadata.storage_data
+                        if isinstance(self.metadata.state_dict_metadata.get(i.fqn), BytesStorageMetadata)}
         self._check_files()
 
     def _check_files(self) -> None:
@@ -128,6 +131,13 @@ class TorchDistReader:
                                   f"{str(e).splitlines()[0] if str(e) else ''}); a data file is corrupt") from None
         return dest
 
+
+    def read_bytes(self, key: str) -> bytes:
+        """The raw stored bytes of ShardedObject ``key`` (to copy it without unpickling)."""
+        info = self.metadata.storage_data[self.objects[key]]
+        with open(os.path.join(self.path, info.relative_path), "rb") as f:
+            f.seek(info.offset)
+            return f.read(info.length)
 
     def _load_chunk(self, index) -> torch.Tensor:
         info = self.metadata.storage_data[index]
@@ -226,9 +236,15 @@ class TorchDistWriter:
         """A megatron ShardedObject (e.g. a module's ``_extra_state``): torch.save([obj]) bytes."""
         buf = io.BytesIO()
         torch.save([obj], buf)
+        self.add_bytes(key, buf.getvalue())
+
+    def add_bytes(self, key: str, data: bytes) -> None:
+        """A ShardedObject from its stored bytes (``TorchDistReader.read_bytes``), copied verbatim."""
+        if key in self.state_dict_metadata:
+            raise ValueError(f"duplicate key {key}")
         f = self._stream()
         start = f.tell()
-        f.write(buf.getbuffer())
+        f.write(data)
         self.storage_data[MetadataIndex(key)] = _StorageInfo(self._rel, start, f.tell() - start)
         self.state_dict_metadata[key] = BytesStorageMetadata()
 

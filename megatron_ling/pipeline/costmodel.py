@@ -337,3 +337,41 @@ def _scale(measured_s: float, measured_flops: float, flops: float) -> float:
     if measured_flops <= 0:
         return measured_s  # flop-free unit (embedding): the measured time is the time
     return measured_s * flops / measured_flops
+
+
+# Megatron's selective-recompute modules -> the GEMM FLOPs (per token, forward) they recompute.
+# layernorm / moe_act recompute elementwise work only; mla_up_proj does not exist in Ling.
+_SELECTIVE = ("core_attn", "mlp", "moe", "shared_experts", "layernorm", "moe_act")
+
+
+def training_flops_per_token(cfg: LingConfig, seq_length: int, recompute: Optional[str] = None,
+                             recompute_modules: Optional[list] = None) -> float:
+    """Forward + backward FLOPs per trained token of the whole model (every rank together), from
+    the per-unit counts above: 3x the forward (the backward is 2x), MTP layers included, plus the
+    forward again of whatever activation recompute recomputes (``recompute`` and
+    ``recompute_modules`` as in ModelOptions: None | "full" | "selective"). Multiplied by the
+    tokens of an iteration this is the FLOPs behind Megatron-LM's "TFLOP/s/GPU" (``None``: the
+    model FLOPs an MFU counts)."""
+    cm = CostModel(cfg, CostOptions(seq_length=seq_length, recompute="full" if recompute == "full" else "none"))
+    k, n_mtp = cfg.first_k_dense_replace, cfg.num_nextn_predict_layers
+    kinds = ["D"] * k + ["M"] * (cfg.num_hidden_layers - k) + ["MTP_T", "MTP_L"] * n_mtp + ["L"]
+    fwd = sum(cm.flops_per_token(u) for u in kinds)
+    extra = sum(cm.flops_per_token(u) for u in kinds if cm.recomputed(u))
+    if recompute == "selective":
+        mods = set(recompute_modules or ["core_attn"])
+        bad = sorted(mods - set(_SELECTIVE))
+        if bad:
+            raise LingConfigError(f"model.recompute_modules: {bad[0]!r} is not a megatron-core recompute module "
+                                  f"for Ling; choose from {', '.join(_SELECTIVE)}")
+        c = cfg
+        n_moe = cfg.num_hidden_layers - k + n_mtp
+        expert = 2 * 3 * c.hidden_size * c.moe_intermediate_size
+        if "core_attn" in mods:
+            extra += (cfg.num_hidden_layers + n_mtp) * 2 * seq_length * c.num_attention_heads * c.head_dim
+        if "mlp" in mods:
+            extra += k * 2 * 3 * c.hidden_size * c.intermediate_size
+        if "moe" in mods:
+            extra += n_moe * cm._moe_mlp_flops()
+        elif "shared_experts" in mods:
+            extra += n_moe * c.num_shared_experts * expert
+    return 3 * fwd + extra

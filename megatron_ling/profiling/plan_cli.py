@@ -6,6 +6,8 @@
   ling-plan calibrate --preset ling-small --seq-length 256 --mbs 1 --out cal.json [--reps 5 --force]
   ling-plan measure   --preset ling-tiny --pp 2 --layouts 'Ett|ttmL' 'Et|tttmL' --micro-batches 4
                       --seq-length 64 --mbs 2 --out DIR      (real gloo runs on local CPU ranks)
+  ling-plan hparams   --compute 1e22 | --preset ling-flash-2.0 --tokens 20e12   (scaling laws, FACTS §6)
+  ling-plan memory    RECIPE [--world-size N] [key=value ...]   (per-rank bytes of a recipe)
 
 Model shape: --preset NAME or --hf-config DIR, then --set field=value (LingConfig / HF field names).
 """
@@ -95,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     mea.add_argument("--timeout", type=float, default=600.0)
     mea.add_argument("--force", action="store_true", help="reuse a non-empty --out folder")
     mea.add_argument("--nice", type=int, default=None, help="renice the ranks (e.g. -10; needs privilege)")
+    from megatron_ling.scaling.cli import add_parsers
+
+    add_parsers(sub)
     return p
 
 
@@ -188,7 +193,10 @@ def cmd_measure(args) -> int:
 @cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return {"layout": cmd_layout, "calibrate": cmd_calibrate, "measure": cmd_measure}[args.cmd](args)
+    from megatron_ling.scaling.cli import run as scaling_cmd
+
+    return {"layout": cmd_layout, "calibrate": cmd_calibrate, "measure": cmd_measure,
+            "hparams": scaling_cmd, "memory": scaling_cmd}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,10 @@ class MetricsLogger:
                 v = scalars[k]
                 parts.append(f"{k.replace('_', ' ')} {v:.3e}" if k in ("lr", "z_loss") else f"{k.replace('_', ' ')} {v:.4f}"
                              if isinstance(v, float) else f"{k} {v}")
+        if scalars.get("tflops_per_gpu") is not None:  # Megatron-LM's "throughput per GPU"
+            parts.append(f"TFLOP/s/GPU {scalars['tflops_per_gpu']:.3g}")
+        if scalars.get("mfu") is not None:
+            parts.append(f"MFU {100 * scalars['mfu']:.2f}%")
         if moe:
             worst = max(v[0] for v in moe.values())
             parts.append(f"max expert load/mean {worst:.2f}")

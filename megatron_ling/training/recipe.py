@@ -94,6 +94,7 @@ class LoggingConfig:
     tensorboard_dir: Optional[str] = None  # default: {run_dir}/tensorboard
     metrics_file: Optional[str] = None  # default: {run_dir}/metrics.jsonl
     per_layer_moe_stats: bool = True
+    peak_tflops: Optional[float] = None  # dense peak per GPU for MFU; default: the device table (throughput.py)
 
 
 @dataclass
@@ -179,6 +180,9 @@ class Recipe:
                                   f"use auto, none, or a checkpoint directory")
         if self.logging.log_interval < 1:
             raise LingConfigError("logging.log_interval: must be >= 1")
+        if self.logging.peak_tflops is not None and not self.logging.peak_tflops > 0:
+            raise LingConfigError(f"logging.peak_tflops: must be > 0 (TFLOP/s per GPU) or null, got "
+                                  f"{self.logging.peak_tflops}")
         self.data.validate()
         return self
 

@@ -244,6 +244,9 @@ def run(session: Session) -> TrainResult:
     recipe_dict = recipe.to_dict()
     profiler = pipeline_profiler(s)
     logger = MetricsLogger(rank, recipe.tensorboard_dir, recipe.metrics_file, t.train_iters)
+    from megatron_ling.training.throughput import ThroughputMeter
+
+    meter = ThroughputMeter(s.ling, recipe, s.world)
     stop = StopRequest()
     losses, last_saved, reason = [], None, "completed"
     interval = recipe.checkpoint.interval
@@ -271,7 +274,8 @@ def run(session: Session) -> TrainResult:
             if iteration % recipe.logging.log_interval == 0 or iteration == 1 or iteration == t.train_iters:
                 scalars = {"lm_loss": r.lm_loss, **r.extra, "lr": scheduler.get_lr(optimizer.param_groups[0]),
                            "grad_norm": r.grad_norm, "tokens_per_s": t.global_batch_size * t.seq_length / dt,
-                           "step_time_s": dt, "consumed_samples": data.consumed_samples, **memory_gib()}
+                           "step_time_s": dt, **meter.scalars(dt), "consumed_samples": data.consumed_samples,
+                           **memory_gib()}
                 moe = gather_moe_stats(bundle.stats) if recipe.logging.per_layer_moe_stats else None
                 logger.log(iteration, scalars, moe)
                 losses.append((iteration, r.lm_loss))
