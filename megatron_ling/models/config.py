@@ -9,9 +9,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from megatron_ling.errors import LingConfigError
 
@@ -19,6 +20,9 @@ from megatron_ling.errors import LingConfigError
 # ``LingConfig.extra`` on import so that an exported config.json carries them unchanged.
 HF_ARCHITECTURE = "BailingMoeV2ForCausalLM"
 HF_MODEL_TYPE = "bailing_moe_v2"
+# rope_scaling keys of transformers' YaRN (modeling_rope_utils._compute_yarn_parameters)
+YARN_KEYS = frozenset({"type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast",
+                       "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate"})
 
 
 @dataclass
@@ -41,6 +45,8 @@ class LingConfig:
     max_position_embeddings: int = 32768
     rope_theta: float = 600000.0
     partial_rotary_factor: float = 0.5
+    # HF rope_scaling: None (plain RoPE) or a YaRN dict, how Ling reaches 128K (see yarn_params)
+    rope_scaling: Optional[dict] = None
     initializer_range: float = 0.006
     # MoE
     num_experts: int = 256
@@ -129,7 +135,70 @@ class LingConfig:
                 bad("moe_intermediate_size", "must be positive")
         if self.num_nextn_predict_layers < 0:
             bad("num_nextn_predict_layers", "must be >= 0")
+        if self.rope_scaling is not None:
+            self.yarn_params(prefix)
         return self
+
+    def yarn_params(self, prefix: str = "model") -> Optional[dict]:
+        """HF ``rope_scaling`` (transformers' ``_compute_yarn_parameters`` semantics) as the
+        arguments of megatron-core's YarnRotaryEmbedding; None without scaling. Only YaRN is
+        implemented; any other type, or a key we do not honour, is refused."""
+        rs = self.rope_scaling
+        if rs is None:
+            return None
+        field_ = f"{prefix}.rope_scaling"
+        if not isinstance(rs, dict):
+            raise LingConfigError(f"{field_}: expected a mapping such as {{type: yarn, factor: 4.0, "
+                                  f"original_max_position_embeddings: 32768}} or null, got {rs!r}")
+        kind = rs.get("rope_type", rs.get("type"))
+        if kind != "yarn":
+            raise LingConfigError(f"{field_}: rope scaling type {kind!r} is not supported; only 'yarn' is "
+                                  f"implemented (or set rope_scaling to null)")
+        unknown = sorted(set(rs) - YARN_KEYS)
+        if unknown:
+            raise LingConfigError(f"{field_}.{unknown[0]}: not a YaRN parameter megatron-ling honours; "
+                                  f"use only {', '.join(sorted(YARN_KEYS))}")
+
+        def num(key, default, lo, hi=float("inf")):
+            v = rs.get(key)
+            if v is None:
+                return default
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo < v < hi:
+                raise LingConfigError(f"{field_}.{key}: must be a number in ({lo}, {hi}), got {v!r}")
+            return float(v)
+
+        orig = rs.get("original_max_position_embeddings", self.max_position_embeddings)
+        if isinstance(orig, bool) or not isinstance(orig, int) or orig < 1:
+            raise LingConfigError(f"{field_}.original_max_position_embeddings: must be a positive integer, "
+                                  f"got {orig!r}")
+        # transformers: a missing factor is max_position_embeddings / original_max_position_embeddings
+        factor = num("factor", self.max_position_embeddings / orig, 0.0)
+        if factor <= 1.0:
+            raise LingConfigError(f"{field_}.factor: YaRN needs a factor > 1 (got {factor}); "
+                                  f"set rope_scaling to null for plain RoPE")
+        truncate = rs.get("truncate", True)
+        if not isinstance(truncate, bool):
+            raise LingConfigError(f"{field_}.truncate: must be true or false, got {truncate!r}")
+        # transformers treats a zero/absent beta as its default ("or 32" / "or 1").
+        beta_fast = num("beta_fast", 0.0, -float("inf")) or 32.0
+        beta_slow = num("beta_slow", 0.0, -float("inf")) or 1.0
+        # Attention (concentration) factor, multiplied into cos and sin of q and k by both
+        # transformers and megatron-core (attention.py, apply_rotary_pos_emb(mscale=...)). They
+        # differ in how they derive it: transformers takes ``attention_factor`` if given, else
+        # mscale(f, mscale)/mscale(f, mscale_all_dim) only when BOTH are non-zero, else
+        # mscale(f) = 0.1 ln f + 1; megatron-core's _yarn_get_concentration_factor uses the ratio
+        # whenever neither is None (mscale_all_dim=0 gives mscale(f, mscale)/1). Map the HF
+        # definition onto megatron-core's arguments so both compute the same factor.
+        af = num("attention_factor", None, 0.0)
+        mscale = num("mscale", None, -float("inf"))
+        mscale_all_dim = num("mscale_all_dim", None, -float("inf"))
+        if af is not None:  # 0.1 * m * ln f + 1 = af, over mscale(f, 0) = 1
+            mscale, mscale_all_dim = (af - 1.0) / (0.1 * math.log(factor)), 0.0
+        elif not (mscale and mscale_all_dim):
+            mscale = mscale_all_dim = None  # megatron-core: mscale(f)
+        return dict(scaling_factor=factor, original_max_position_embeddings=orig, beta_fast=beta_fast,
+                    beta_slow=beta_slow, mscale=mscale, mscale_all_dim=mscale_all_dim,
+                    correction_range_round_to_int=truncate)
 
     # ------------------------------------------------------------------- HF I/O
     def to_hf_dict(self) -> dict[str, Any]:
