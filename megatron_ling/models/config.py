@@ -260,6 +260,8 @@ class LingConfig:
             rd = coerce_field(rd, int, f"{source}: rotary_dim")
             kw["partial_rotary_factor"] = float(rd) / kw.get("head_dim", cls.head_dim)
         shared = d.pop("moe_shared_expert_intermediate_size", None)
+        for k in ("architectures", "model_type"):  # to_hf_dict writes them again
+            d.pop(k, None)
         for k in HF_ZERO_ONLY:
             if d.pop(k, 0) not in (0, 0.0, None):
                 raise LingConfigError(f"{source}: {k}: Ling trains without dropout and megatron-ling does not "
