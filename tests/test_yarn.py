@@ -78,7 +78,7 @@ def test_yarn_matches_transformers_beyond_original_context(work, case):
     (dict(type="yarn", factor="abc"), "model.rope_scaling.factor"),
     (dict(type="yarn", factor=4.0, original_max_position_embeddings=-1),
      "model.rope_scaling.original_max_position_embeddings"),
-    ("yarn", "model.rope_scaling: expected a mapping"),
+    ("yarn", "model.rope_scaling: expected"),
 ])
 def test_other_scaling_is_refused_in_one_line(rs, field):
     with pytest.raises(LingConfigError) as e:
