@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_ling.convert.synthetic import layout_forward, save_megatron_checkpoint
+from tests.support.synthetic import layout_forward, save_megatron_checkpoint
 from megatron_ling.convert.to_hf import to_hf
 from megatron_ling.convert.verify import reference_logits, reference_model
 from megatron_ling.errors import LingConfigError
@@ -84,3 +84,13 @@ def test_other_scaling_is_refused_in_one_line(rs, field):
     with pytest.raises(LingConfigError) as e:
         BASE.replace(rope_scaling=rs).validate()
     assert str(e.value).startswith(field) and "\n" not in str(e.value)
+
+
+def test_calibration_runs_with_yarn(tmp_path):
+    """ling-plan calibrate times the real layers of a YaRN model (its rotary module returns
+    (embedding, mscale), not a tensor)."""
+    from megatron_ling.profiling.driver import calibrate_local
+
+    cfg = BASE.replace(rope_scaling=CASES["factor_only"]).validate()
+    cal = calibrate_local(cfg, 64, 1, str(tmp_path / "cal.json"), reps=1)
+    assert {"E", "D", "M", "L"} <= set(cal.units) and all(u["fwd_s"] > 0 for u in cal.units.values())
