@@ -1,5 +1,10 @@
 """Bad input over the CLIs: each case exits 2 with exactly one ``error:`` line that names the
-field, before any process group starts, and leaves no partial output behind."""
+field, before any process group starts, and leaves no partial output behind.
+
+Every case calls the CLI's ``main(argv)`` in this process (the console scripts are ``main`` and
+nothing else, so exit status and output are the same; one torch/megatron import for all cases).
+``test_console_script`` repeats a few of them through the installed ``ling-train`` / ``ling-plan``
+executables to prove that path: the entry point, argparse's own exit and a fresh interpreter."""
 from __future__ import annotations
 
 import json
@@ -10,30 +15,42 @@ import sys
 import pytest
 
 from megatron_ling.models.config import get_preset
+from megatron_ling.profiling import plan_cli
+from megatron_ling.training import cli as train_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = [sys.executable, "-m", "megatron_ling.training.cli"]
-PLAN = [sys.executable, "-m", "megatron_ling.profiling.plan_cli"]
+BIN = os.path.dirname(sys.executable)  # the venv's console scripts, on PATH or not
 
 
-def run(argv, cwd):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=cwd, env=env)
+def call(main, argv) -> int:
+    """``main(argv)`` as the console script runs it: its return value, or argparse's exit status."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
 
 
-def assert_one_line(r, field, cwd, before):
-    lines = (r.stdout + r.stderr).splitlines()
+def assert_one_line(rc, out, err, field, cwd, before):
+    lines = (out + err).splitlines()
     errors = [ln for ln in lines if ln.startswith("error:") or ": error:" in ln]
-    assert r.returncode == 2, (r.returncode, r.stderr[-1500:])
-    assert len(errors) == 1, r.stderr[-1500:]
-    assert "Traceback" not in r.stderr, r.stderr[-1500:]
+    assert rc == 2, (rc, err[-1500:])
+    assert len(errors) == 1, err[-1500:]
+    assert "Traceback" not in err, err[-1500:]
     assert field in errors[0], errors[0]
     assert sorted(os.listdir(cwd)) == before, "partial output left behind"
 
 
+@pytest.fixture(autouse=True)
+def launcher_free_env(monkeypatch):
+    """A user's shell: not inside a torchrun rank (main reads RANK / WORLD_SIZE)."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+
+
 @pytest.fixture
-def work(tmp_path):
-    """A directory holding the user's files (nothing else may appear in it)."""
+def work(tmp_path, monkeypatch):
+    """A directory holding the user's files, and the working directory (nothing else may appear in it)."""
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "a_file").write_text("not a directory\n")
     (tmp_path / "latin1.yaml").write_bytes("run_dir: caf\xe9\n".encode("latin-1"))
     (tmp_path / "bad.yaml").write_text("training: {train_iters: [1,\n")
@@ -131,28 +148,35 @@ RECIPE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("overrides, field", RECIPE_CASES, ids=lambda x: x if isinstance(x, str) else " ".join(x))
-def test_recipe_field(work, overrides, field):
-    before = sorted(os.listdir(work))
+def recipe_argv(work, overrides) -> list:
     over = [o.replace("{work}", str(work)) for o in overrides]
-    r = run(TRAIN + ["--config", "quickstart", "--check", "--nproc-per-node", "2", f"run_dir={work}/run", *over], work)
-    assert_one_line(r, field, work, before)
+    return ["--config", "quickstart", "--check", "--nproc-per-node", "2", f"run_dir={work}/run", *over]
 
 
-@pytest.mark.parametrize("config, field", [
+@pytest.mark.parametrize("overrides, field", RECIPE_CASES, ids=lambda x: x if isinstance(x, str) else " ".join(x))
+def test_recipe_field(work, capfd, overrides, field):
+    before = sorted(os.listdir(work))
+    rc = call(train_cli.main, recipe_argv(work, overrides))
+    assert_one_line(rc, *capfd.readouterr(), field, work, before)
+
+
+RECIPE_FILE_CASES = [
     ("latin1.yaml", "--config"),
     ("bad.yaml", "--config"),
     ("list.yaml", "--config"),
     ("a_dir", "--config"),
     ("missing.yaml", "--config"),
-])
-def test_recipe_file(work, config, field):
+]
+
+
+@pytest.mark.parametrize("config, field", RECIPE_FILE_CASES)
+def test_recipe_file(work, capfd, config, field):
     before = sorted(os.listdir(work))
-    r = run(TRAIN + ["--config", str(work / config), "--check"], work)
-    assert_one_line(r, field, work, before)
+    rc = call(train_cli.main, ["--config", str(work / config), "--check"])
+    assert_one_line(rc, *capfd.readouterr(), field, work, before)
 
 
-@pytest.mark.parametrize("argv, field", [
+PLAN_CASES = [
     (["measure", "--preset", "ling-tiny", "--pp", "0", "--layouts", "Et|tttmL", "--micro-batches", "4",
       "--out", "out"], "--pp"),
     (["measure", "--preset", "ling-tiny", "--pp", "2", "--layouts", "Et|tttmL", "--micro-batches", "-1",
@@ -160,8 +184,37 @@ def test_recipe_file(work, config, field):
     (["layout", "--preset", "ling-tiny", "--pp", "x", "--micro-batches", "4"], "--pp"),
     (["layout", "--preset", "ling-tiny", "--pp", "2", "--micro-batches", "4", "--evaluate", "Et*999999999999|tmL"],
      "parallel.pipeline_layout"),
-])
-def test_plan_cli(work, argv, field):
+]
+
+
+@pytest.mark.parametrize("argv, field", PLAN_CASES)
+def test_plan_cli(work, capfd, argv, field):
     before = sorted(os.listdir(work))
-    r = run(PLAN + argv, work)
-    assert_one_line(r, field, work, before)
+    rc = call(plan_cli.main, argv)
+    assert_one_line(rc, *capfd.readouterr(), field, work, before)
+
+
+def case(cases, text):
+    """The entry of ``cases`` whose space-joined arguments contain ``text``."""
+    return next(c for c in cases if text in " ".join(c[0]))
+
+
+# (script, argv for the work dir, field): one per failure path that differs outside this process
+_FIELD, _LAYOUT = case(RECIPE_CASES, "rms_norm_eps=abc"), case(RECIPE_CASES, "Et*999999999999")
+_PP0, _EVAL = case(PLAN_CASES, "--pp 0"), case(PLAN_CASES, "--evaluate")
+CONSOLE_CASES = {
+    "train_field": ("ling-train", lambda w: recipe_argv(w, _FIELD[0]), _FIELD[1]),
+    "train_layout_memory": ("ling-train", lambda w: recipe_argv(w, _LAYOUT[0]), _LAYOUT[1]),
+    "train_non_utf8_recipe": ("ling-train", lambda w: ["--config", str(w / "latin1.yaml"), "--check"], "--config"),
+    "plan_argparse_range": ("ling-plan", lambda w: _PP0[0], _PP0[1]),
+    "plan_layout_memory": ("ling-plan", lambda w: _EVAL[0], _EVAL[1]),
+}
+
+
+@pytest.mark.parametrize("case", list(CONSOLE_CASES))
+def test_console_script(work, case):
+    script, argv, field = CONSOLE_CASES[case]
+    before = sorted(os.listdir(work))
+    r = subprocess.run([os.path.join(BIN, script), *argv(work)], capture_output=True, text=True, timeout=300,
+                       cwd=work, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert_one_line(r.returncode, r.stdout, r.stderr, field, work, before)
