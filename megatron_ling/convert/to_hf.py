@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_ling.config_utils import read_json
 from megatron_ling.convert import mapping as M
 from megatron_ling.convert.common import DTYPES, Throughput, atomic_dir, check_output, progress
 from megatron_ling.convert.hf_io import (
@@ -173,8 +174,8 @@ def to_hf(ckpt_dir: str, out_dir: str, dtype: str = "bf16", mtp: str = "keep", s
             copy_hf_files(hf_files, tmp)
             src_cfg = os.path.join(hf_files, "config.json")
             if os.path.exists(src_cfg):  # remote-code registration lives in the hub config
-                with open(src_cfg) as f:
-                    auto_map = json.load(f).get("auto_map")
+                hub = read_json(src_cfg, "--hf-files")
+                auto_map = hub.get("auto_map") if isinstance(hub, dict) else None
                 if auto_map and "auto_map" not in hf_cfg:
                     hf_cfg["auto_map"] = auto_map
         with open(os.path.join(tmp, "config.json"), "w") as f:

@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from megatron_ling.data.config import BUILTIN_TOKENIZER, _check_tokenizer_dir
+from megatron_ling.config_utils import read_json
 from megatron_ling.errors import LingConfigError
 
 EOT = "<|endoftext|>"
@@ -140,17 +141,20 @@ def _sha256_files(directory: str, names: list[str]) -> str:
     return h.hexdigest()
 
 
-def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
+def _read_json(path: str, field: str) -> dict:
+    """An optional JSON object of the tokenizer directory ({} when absent)."""
+    if not os.path.exists(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    d = read_json(path, field)
+    if not isinstance(d, dict):
+        raise LingConfigError(f"{field}: {path} must hold a JSON object, got {type(d).__name__}")
+    return d
 
 
 def _from_directory(path: str, field: str) -> LingTokenizer:
     _check_tokenizer_dir(path, field)
-    cfg = _read_json(os.path.join(path, "tokenizer_config.json"))
-    stm = _read_json(os.path.join(path, "special_tokens_map.json"))
+    cfg = _read_json(os.path.join(path, "tokenizer_config.json"), field)
+    stm = _read_json(os.path.join(path, "special_tokens_map.json"), field)
     eos_tok = _token_content(cfg.get("eos_token")) or _token_content(stm.get("eos_token"))
     pad_tok = _token_content(cfg.get("pad_token")) or _token_content(stm.get("pad_token"))
     tj = os.path.join(path, "tokenizer.json")
@@ -158,7 +162,12 @@ def _from_directory(path: str, field: str) -> LingTokenizer:
     if os.path.isfile(tj):
         from tokenizers import Tokenizer
 
-        backend = Tokenizer.from_file(tj)
+        _read_json(tj, field)  # one line for an unreadable, non-UTF-8 or malformed file
+        try:
+            backend = Tokenizer.from_file(tj)
+        except Exception as e:  # the Rust parser's own error for a JSON file that is no tokenizer
+            raise LingConfigError(f"{field}: {tj} is not a tokenizers file ({str(e).splitlines()[0][:120]}); "
+                                  f"save the tokenizer with save_pretrained") from None
         kind = "tokenizers"
         vocab = backend.get_vocab(with_added_tokens=True)
         identity = _sha256_files(path, ["tokenizer.json"])

@@ -48,7 +48,8 @@ def build_ling_model(config: LingConfig, tf_config, pre_process: bool | None = N
     from megatron_ling import compat
 
     compat.quiet_gptmodel_deprecation()
-    return GPTModel(
+    yarn = config.yarn_params()
+    model = GPTModel(
         config=tf_config,
         transformer_layer_spec=block,
         vocab_size=config.vocab_size,
@@ -56,9 +57,29 @@ def build_ling_model(config: LingConfig, tf_config, pre_process: bool | None = N
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=config.tie_word_embeddings,
-        position_embedding_type="rope",
+        position_embedding_type="yarn" if yarn else "rope",
         rotary_percent=config.partial_rotary_factor,
         rotary_base=config.rope_theta,
         mtp_block_spec=mtp,
         vp_stage=vp_stage,
     )
+    if yarn:
+        model.rotary_pos_emb = partial_yarn_embedding(config, tf_config)
+    return model
+
+
+def partial_yarn_embedding(config: LingConfig, tf_config):
+    """megatron-core's YarnRotaryEmbedding over Ling's rotary channels only.
+
+    megatron-core (0.16.1, yarn_rotary_pos_embedding.py:66 ``self.dim = kv_channels``) computes
+    YaRN's frequencies and correction range over the whole head and ignores ``rotary_percent``, so
+    the GPTModel-built one would rotate all 128 channels of a Ling head. Built with
+    ``kv_channels=rotary_dim`` and ``rotary_percent=1`` it yields ``rotary_dim`` frequencies, and
+    apply_rotary_pos_emb rotates the first ``rotary_dim`` channels and passes the rest through,
+    as HF BailingMoeV2 does."""
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding
+
+    return YarnRotaryEmbedding(kv_channels=config.rotary_dim, rotary_percent=1.0,
+                               rotary_base=config.rope_theta,
+                               use_cpu_initialization=tf_config.use_cpu_initialization,
+                               **config.yarn_params())

@@ -9,59 +9,83 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
+from megatron_ling.config_utils import check_fields, coerce_field, read_json, spec
 from megatron_ling.errors import LingConfigError
 
-# HF config.json keys that exist only for inference engines / HF bookkeeping. They are kept in
-# ``LingConfig.extra`` on import so that an exported config.json carries them unchanged.
 HF_ARCHITECTURE = "BailingMoeV2ForCausalLM"
 HF_MODEL_TYPE = "bailing_moe_v2"
+# Every config.json key is honoured (a LingConfig field), derived (checked against the fields) or
+# one of these, kept in ``LingConfig.extra`` so an exported config.json carries it unchanged; any
+# other key is refused (tests/test_hf_config_fields.py enumerates the real config's fields).
+HF_METADATA = {
+    "architectures": "HF class name; export writes BailingMoeV2ForCausalLM",
+    "model_type": "HF registry name; export writes bailing_moe_v2",
+    "auto_map": "remote-code class paths for transformers (inference only)",
+    "torch_dtype": "storage dtype of the safetensors (set by ling-convert); training uses model.precision",
+    "dtype": "storage dtype of the safetensors (transformers 5 spelling of torch_dtype)",
+    "transformers_version": "version of transformers that wrote the file",
+    "use_cache": "KV cache switch of HF generation; training keeps no cache",
+    "output_router_logits": "whether the HF forward returns router logits (an output option)",
+    "max_window_layers": "BailingMoeV2 has no sliding-window attention; the value is read by nothing",
+    "quantization_config": "FP8 storage description written and read by ling-convert",
+    "bos_token_id": "special token id for generation; training data comes from the tokenizer",
+}
+# HF dropout keys: Ling trains without dropout (megatron-ling builds hidden/attention dropout 0)
+HF_ZERO_ONLY = ("embedding_dropout", "attention_dropout", "output_dropout")
+# rope_scaling keys of transformers' YaRN (modeling_rope_utils._compute_yarn_parameters)
+YARN_KEYS = frozenset({"type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast",
+                       "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate"})
 
 
 @dataclass
 class LingConfig:
     """Architecture of a Ling 2.0 (BailingMoeV2) model. Names follow HF config.json."""
 
-    vocab_size: int = 157184
-    hidden_size: int = 2048
-    intermediate_size: int = 5120  # dense-layer FFN width
-    num_hidden_layers: int = 20
-    num_attention_heads: int = 16
-    num_key_value_heads: int = 4
-    head_dim: int = 128
+    vocab_size: int = spec(157184, ">= 1")
+    hidden_size: int = spec(2048, ">= 1")
+    intermediate_size: int = spec(5120, ">= 1")  # dense-layer FFN width
+    num_hidden_layers: int = spec(20, ">= 1")
+    num_attention_heads: int = spec(16, ">= 1")
+    num_key_value_heads: int = spec(4, ">= 1")
+    head_dim: int = spec(128, ">= 1")
     hidden_act: str = "silu"
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = spec(1e-6, "> 0")
     tie_word_embeddings: bool = False
     use_bias: bool = False
     use_qkv_bias: bool = False
     use_qk_norm: bool = True
-    max_position_embeddings: int = 32768
-    rope_theta: float = 600000.0
-    partial_rotary_factor: float = 0.5
-    initializer_range: float = 0.006
+    max_position_embeddings: int = spec(32768, ">= 1")
+    rope_theta: float = spec(600000.0, "> 1")
+    partial_rotary_factor: float = spec(0.5, "(0, 1]")
+    # HF rope_scaling: None (plain RoPE) or a YaRN dict, how Ling reaches 128K (see yarn_params)
+    rope_scaling: Optional[dict] = None
+    initializer_range: float = spec(0.006, "> 0")
     # MoE
-    num_experts: int = 256
-    num_shared_experts: int = 1
-    num_experts_per_tok: int = 8
-    n_group: int = 8
-    topk_group: int = 4
-    moe_intermediate_size: int = 512
-    first_k_dense_replace: int = 1
-    routed_scaling_factor: float = 2.5
+    num_experts: int = spec(256, ">= 0")
+    num_shared_experts: int = spec(1, ">= 0")
+    num_experts_per_tok: int = spec(8, ">= 1")
+    n_group: int = spec(8, ">= 1")
+    topk_group: int = spec(4, ">= 1")
+    moe_intermediate_size: int = spec(512, ">= 1")
+    first_k_dense_replace: int = spec(1, ">= 0")
+    routed_scaling_factor: float = spec(2.5, "> 0")
     score_function: str = "sigmoid"
     norm_topk_prob: bool = True
     moe_router_enable_expert_bias: bool = True
     router_dtype: str = "fp32"
     # Multi-token prediction
-    num_nextn_predict_layers: int = 1
-    mtp_loss_scaling_factor: float = 0.1
+    num_nextn_predict_layers: int = spec(1, ">= 0")
+    mtp_loss_scaling_factor: float = spec(0.1, ">= 0")
     # Special tokens (Ling: eos == pad)
-    eos_token_id: int = 156892
-    pad_token_id: int = 156892
-    # Unknown config.json keys carried through a round trip untouched.
+    eos_token_id: int = spec(156892, ">= 0")
+    pad_token_id: int = spec(156892, ">= 0")
+    # HF_METADATA keys of config.json, carried through a round trip untouched.
     extra: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ derived
@@ -86,6 +110,8 @@ class LingConfig:
         def bad(name, msg):
             raise LingConfigError(f"{prefix}.{name}: {msg}")
 
+        check_fields(self, prefix)
+
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
@@ -104,6 +130,9 @@ class LingConfig:
             bad("hidden_act", f"Ling uses SwiGLU ('silu'), got {self.hidden_act!r}")
         if self.use_bias or self.use_qkv_bias:
             bad("use_bias", "Ling has no linear biases; set use_bias=false and use_qkv_bias=false")
+        if not self.norm_topk_prob:
+            bad("norm_topk_prob", "megatron-core's sigmoid router always normalises the top-k weights; "
+                "set norm_topk_prob=true")
         if self.score_function != "sigmoid":
             bad("score_function", f"Ling routes with 'sigmoid' scores, got {self.score_function!r}")
         if self.router_dtype != "fp32":
@@ -129,7 +158,70 @@ class LingConfig:
                 bad("moe_intermediate_size", "must be positive")
         if self.num_nextn_predict_layers < 0:
             bad("num_nextn_predict_layers", "must be >= 0")
+        if self.rope_scaling is not None:
+            self.yarn_params(prefix)
         return self
+
+    def yarn_params(self, prefix: str = "model") -> Optional[dict]:
+        """HF ``rope_scaling`` (transformers' ``_compute_yarn_parameters`` semantics) as the
+        arguments of megatron-core's YarnRotaryEmbedding; None without scaling. Only YaRN is
+        implemented; any other type, or a key we do not honour, is refused."""
+        rs = self.rope_scaling
+        if rs is None:
+            return None
+        field_ = f"{prefix}.rope_scaling"
+        if not isinstance(rs, dict):
+            raise LingConfigError(f"{field_}: expected a mapping such as {{type: yarn, factor: 4.0, "
+                                  f"original_max_position_embeddings: 32768}} or null, got {rs!r}")
+        kind = rs.get("rope_type", rs.get("type"))
+        if kind != "yarn":
+            raise LingConfigError(f"{field_}: rope scaling type {kind!r} is not supported; only 'yarn' is "
+                                  f"implemented (or set rope_scaling to null)")
+        unknown = sorted(set(rs) - YARN_KEYS)
+        if unknown:
+            raise LingConfigError(f"{field_}.{unknown[0]}: not a YaRN parameter megatron-ling honours; "
+                                  f"use only {', '.join(sorted(YARN_KEYS))}")
+
+        def num(key, default, lo, hi=float("inf")):
+            v = rs.get(key)
+            if v is None:
+                return default
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo < v < hi:
+                raise LingConfigError(f"{field_}.{key}: must be a number in ({lo}, {hi}), got {v!r}")
+            return float(v)
+
+        orig = rs.get("original_max_position_embeddings", self.max_position_embeddings)
+        if isinstance(orig, bool) or not isinstance(orig, int) or orig < 1:
+            raise LingConfigError(f"{field_}.original_max_position_embeddings: must be a positive integer, "
+                                  f"got {orig!r}")
+        # transformers: a missing factor is max_position_embeddings / original_max_position_embeddings
+        factor = num("factor", self.max_position_embeddings / orig, 0.0)
+        if factor <= 1.0:
+            raise LingConfigError(f"{field_}.factor: YaRN needs a factor > 1 (got {factor}); "
+                                  f"set rope_scaling to null for plain RoPE")
+        truncate = rs.get("truncate", True)
+        if not isinstance(truncate, bool):
+            raise LingConfigError(f"{field_}.truncate: must be true or false, got {truncate!r}")
+        # transformers treats a zero/absent beta as its default ("or 32" / "or 1").
+        beta_fast = num("beta_fast", 0.0, -float("inf")) or 32.0
+        beta_slow = num("beta_slow", 0.0, -float("inf")) or 1.0
+        # Attention (concentration) factor, multiplied into cos and sin of q and k by both
+        # transformers and megatron-core (attention.py, apply_rotary_pos_emb(mscale=...)). They
+        # differ in how they derive it: transformers takes ``attention_factor`` if given, else
+        # mscale(f, mscale)/mscale(f, mscale_all_dim) only when BOTH are non-zero, else
+        # mscale(f) = 0.1 ln f + 1; megatron-core's _yarn_get_concentration_factor uses the ratio
+        # whenever neither is None (mscale_all_dim=0 gives mscale(f, mscale)/1). Map the HF
+        # definition onto megatron-core's arguments so both compute the same factor.
+        af = num("attention_factor", None, 0.0)
+        mscale = num("mscale", None, -float("inf"))
+        mscale_all_dim = num("mscale_all_dim", None, -float("inf"))
+        if af is not None:  # 0.1 * m * ln f + 1 = af, over mscale(f, 0) = 1
+            mscale, mscale_all_dim = (af - 1.0) / (0.1 * math.log(factor)), 0.0
+        elif not (mscale and mscale_all_dim):
+            mscale = mscale_all_dim = None  # megatron-core: mscale(f)
+        return dict(scaling_factor=factor, original_max_position_embeddings=orig, beta_fast=beta_fast,
+                    beta_slow=beta_slow, mscale=mscale, mscale_all_dim=mscale_all_dim,
+                    correction_range_round_to_int=truncate)
 
     # ------------------------------------------------------------------- HF I/O
     def to_hf_dict(self) -> dict[str, Any]:
@@ -146,24 +238,45 @@ class LingConfig:
         return out
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "LingConfig":
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "LingConfig":
+        """Read an HF config.json mapping; a key that is neither honoured nor metadata is refused."""
+        if not isinstance(d, dict):
+            raise LingConfigError(f"{source}: expected a JSON object of BailingMoeV2 config fields, "
+                                  f"got {type(d).__name__}")
         d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        kw = {k: d.pop(k) for k in list(d) if k in known}
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+        kw = {k: d.pop(k) for k in list(d) if k in fields}
         # Ling-1T states half-RoPE as rotary_dim instead of partial_rotary_factor.
         rd = d.pop("rotary_dim", None)
-        if rd and "partial_rotary_factor" not in kw:
-            kw["partial_rotary_factor"] = float(rd) / kw.get("head_dim", cls.head_dim)
         if kw.get("head_dim") is None and "hidden_size" in kw and "num_attention_heads" in kw:
             kw["head_dim"] = kw["hidden_size"] // kw["num_attention_heads"]
         # eos/pad may be lists in some HF configs
         for k in ("eos_token_id", "pad_token_id"):
-            if isinstance(kw.get(k), list):
+            if isinstance(kw.get(k), list) and kw[k]:
                 kw[k] = kw[k][0]
-        # derived keys that to_hf_dict writes again (torch_dtype stays in extra: the converter sets it)
-        for k in ("moe_shared_expert_intermediate_size", "architectures", "model_type"):
+        hints = typing.get_type_hints(cls)
+        kw = {k: coerce_field(v, hints[k], f"{source}: {k}") for k, v in kw.items()}
+        if rd and "partial_rotary_factor" not in kw:
+            rd = coerce_field(rd, int, f"{source}: rotary_dim")
+            kw["partial_rotary_factor"] = float(rd) / kw.get("head_dim", cls.head_dim)
+        shared = d.pop("moe_shared_expert_intermediate_size", None)
+        for k in ("architectures", "model_type"):  # to_hf_dict writes them again
             d.pop(k, None)
-        return cls(**kw, extra=d)
+        for k in HF_ZERO_ONLY:
+            if d.pop(k, 0) not in (0, 0.0, None):
+                raise LingConfigError(f"{source}: {k}: Ling trains without dropout and megatron-ling does not "
+                                      f"implement it; set {k} to 0")
+        unknown = sorted(set(d) - set(HF_METADATA))
+        if unknown:
+            raise LingConfigError(f"{source}: {unknown[0]}: not a BailingMoeV2 field megatron-ling honours; "
+                                  f"remove it (known fields: LingConfig's, rotary_dim, "
+                                  f"moe_shared_expert_intermediate_size and {', '.join(sorted(HF_METADATA))})")
+        cfg = cls(**kw, extra=d)
+        if shared is not None and shared != cfg.moe_intermediate_size * cfg.num_shared_experts:
+            raise LingConfigError(f"{source}: moe_shared_expert_intermediate_size={shared!r} is not "
+                                  f"num_shared_experts x moe_intermediate_size = "
+                                  f"{cfg.moe_intermediate_size * cfg.num_shared_experts}; fix one of them")
+        return cfg
 
     def save_hf_config(self, path: str) -> None:
         with open(path, "w") as f:
@@ -174,10 +287,7 @@ class LingConfig:
     def from_hf_config(cls, path: str) -> "LingConfig":
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
-        if not os.path.exists(path):
-            raise LingConfigError(f"config.json not found at {path}: pass an HF model directory")
-        with open(path) as f:
-            return cls.from_hf_dict(json.load(f))
+        return cls.from_hf_dict(read_json(path, "config.json"), source=path)
 
     def replace(self, **kw) -> "LingConfig":
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}

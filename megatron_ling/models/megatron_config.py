@@ -120,7 +120,22 @@ def to_transformer_config(ling: LingConfig, parallel: ParallelConfig | None = No
                   recompute_modules=options.recompute_modules or ["core_attn"])
     kw.update(overrides)
     try:
-        return TransformerConfig(**kw)
+        tf = TransformerConfig(**kw)
     except (AssertionError, ValueError) as e:
         raise LingConfigError(f"parallel/model: megatron-core rejected the configuration: "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    set_yarn(tf, ling)
+    return tf
+
+
+def set_yarn(tf_config, ling: LingConfig) -> None:
+    """Put YaRN's parameters where megatron-core reads them: GPTModel (gpt_model.py:172) and the
+    attention's concentration factor (attention.py:1102, `_yarn_get_concentration_factor_from_config`)
+    read ``yarn_*`` attributes of the config, which megatron-core 0.16.1 defines only on
+    MLATransformerConfig; set as attributes they work for both the plain and the MLA config."""
+    yarn = ling.yarn_params()
+    if yarn is None:
+        return
+    for k, v in yarn.items():
+        name = "yarn_rotary_scaling_factor" if k == "scaling_factor" else f"yarn_{k}"
+        setattr(tf_config, name, v)

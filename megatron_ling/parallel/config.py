@@ -4,29 +4,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from megatron_ling.config_utils import check_fields, spec
 from megatron_ling.errors import LingConfigError
 
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1  # tensor parallel
-    pp: int = 1  # pipeline parallel
-    vpp: Optional[int] = None  # virtual pipeline stages per rank (interleaved 1F1B)
-    ep: int = 1  # expert parallel
-    etp: Optional[int] = None  # expert tensor parallel; None = same as tp (see validate)
-    cp: int = 1  # context parallel
+    tp: int = spec(1, ">= 1")  # tensor parallel
+    pp: int = spec(1, ">= 1")  # pipeline parallel
+    vpp: Optional[int] = spec(None, ">= 1")  # virtual pipeline stages per rank (interleaved 1F1B)
+    ep: int = spec(1, ">= 1")  # expert parallel
+    etp: Optional[int] = spec(None, ">= 1")  # expert tensor parallel; None = same as tp (see validate)
+    cp: int = spec(1, ">= 1")  # context parallel
     sp: Optional[bool] = None  # sequence parallel; None = on whenever tp > 1
     distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
-    bucket_size: Optional[int] = None
+    bucket_size: Optional[int] = spec(None, ">= 1")
     # megatron-core `pipeline_model_parallel_layout` string ("Et|tt|tmL"), or "auto" (planner).
     pipeline_layout: Optional[str] = None
-    num_layers_in_first_pipeline_stage: Optional[int] = None
-    num_layers_in_last_pipeline_stage: Optional[int] = None
+    num_layers_in_first_pipeline_stage: Optional[int] = spec(None, ">= 0")
+    num_layers_in_last_pipeline_stage: Optional[int] = spec(None, ">= 0")
     account_for_embedding_in_pipeline_split: bool = False
     account_for_loss_in_pipeline_split: bool = False
-    moe_token_dispatcher: str = "alltoall"  # allgather | alltoall | flex
+    moe_token_dispatcher: str = spec("alltoall", choices=("allgather", "alltoall", "flex"))
     use_tp_pp_dp_mapping: bool = False
 
     @property
@@ -59,6 +60,7 @@ class ParallelConfig:
         def bad(name, msg):
             raise LingConfigError(f"{prefix}.{name}: {msg}")
 
+        check_fields(self, prefix)
         for name in ("tp", "pp", "ep", "cp"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:

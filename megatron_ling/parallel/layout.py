@@ -19,14 +19,35 @@ from megatron_ling.errors import LingConfigError
 _FIELD = "parallel.pipeline_layout"
 
 
+# More units than any model has layers (Ling-1T: 80): a longer expansion is a typo, and expanding
+# it (e.g. 'Et*999999999999') would exhaust memory.
+MAX_UNITS = 100_000
+
+
 def expand(layout: str) -> list[str]:
     """'Et*2|(t|)*2,mL' -> ['Ett', 't', 't', 'mL'] (one string of unit letters per stage)."""
+    if not isinstance(layout, str):
+        raise LingConfigError(f"{_FIELD}: expected a layout string such as 'Et|tt|tmL', got {layout!r}")
     s = layout.replace(",", "").replace(" ", "")
+
+    def repeat(m):
+        n = int(m.group(2))
+        if len(m.group(1)) * n > MAX_UNITS:
+            raise LingConfigError(f"{_FIELD}: {m.group(0)!r} in {layout!r} expands to more than {MAX_UNITS} units; "
+                                  f"give repeat counts that match the model's layers")
+        return m.group(1) * n
+
     prev = None
     while prev != s:  # innermost parentheses first, so nesting works
         prev = s
-        s = re.sub(r"\(([^()]*)\)\*(\d+)", lambda m: m.group(1) * int(m.group(2)), s)
-    s = re.sub(r"([A-Za-z])\*(\d+)", lambda m: m.group(1) * int(m.group(2)), s)
+        s = re.sub(r"\(([^()]*)\)\*(\d+)", repeat, s)
+        if len(s) > MAX_UNITS:
+            raise LingConfigError(f"{_FIELD}: {layout!r} expands to more than {MAX_UNITS} units; "
+                                  f"give repeat counts that match the model's layers")
+    s = re.sub(r"([A-Za-z])\*(\d+)", repeat, s)
+    if len(s) > MAX_UNITS:
+        raise LingConfigError(f"{_FIELD}: {layout!r} expands to more than {MAX_UNITS} units; "
+                              f"give repeat counts that match the model's layers")
     if "(" in s or ")" in s or "*" in s:
         raise LingConfigError(f"{_FIELD}: cannot parse {layout!r}: unbalanced '()' or a '*' without a count")
     stages = s.split("|")

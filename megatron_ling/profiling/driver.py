@@ -71,6 +71,8 @@ def calibrate(ling: LingConfig, seq_length: int, micro_batch_size: int, reps: in
     tokens, pos, labels = mb["tokens"], mb["position_ids"], mb["labels"]
     h = ling.hidden_size
     rope = model.rotary_pos_emb(seq_length)
+    if model.position_embedding_type == "yarn":  # (emb, mscale): attention reads mscale from the config
+        rope = rope[0]  # as GPTModel.forward does (megatron-core gpt_model.py:375)
     x0 = torch.randn(seq_length, micro_batch_size, h) * 0.1
 
     def layer_fn(layer):

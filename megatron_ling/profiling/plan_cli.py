@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 
+from megatron_ling.config_utils import cli_int
 from megatron_ling.errors import LingConfigError, cli_main
 
 GiB = 1024 ** 3
@@ -49,8 +50,8 @@ def _add_model(p):
                    "ling-tiny, ling-small)")
     p.add_argument("--hf-config", default=None, help="HF model directory or config.json instead of a preset")
     p.add_argument("--set", nargs="*", metavar="FIELD=VALUE", help="override LingConfig fields")
-    p.add_argument("--seq-length", type=int, default=4096)
-    p.add_argument("--mbs", type=int, default=1, help="micro batch size")
+    p.add_argument("--seq-length", type=cli_int(1), default=4096)
+    p.add_argument("--mbs", type=cli_int(1), default=1, help="micro batch size")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,13 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     lay = sub.add_parser("layout", help="search the pipeline layout minimising simulated iteration time")
     _add_model(lay)
-    lay.add_argument("--pp", type=int, required=True)
-    lay.add_argument("--vpp", type=int, default=1)
-    lay.add_argument("--micro-batches", type=int, required=True, help="micro batches per iteration per DP rank")
-    lay.add_argument("--tp", type=int, default=1)
-    lay.add_argument("--ep", type=int, default=1)
-    lay.add_argument("--cp", type=int, default=1)
-    lay.add_argument("--dp", type=int, default=1, help="data parallel size (shards optimizer state in the memory model)")
+    lay.add_argument("--pp", type=cli_int(1), required=True)
+    lay.add_argument("--vpp", type=cli_int(1), default=1)
+    lay.add_argument("--micro-batches", type=cli_int(1), required=True, help="micro batches per iteration per DP rank")
+    lay.add_argument("--tp", type=cli_int(1), default=1)
+    lay.add_argument("--ep", type=cli_int(1), default=1)
+    lay.add_argument("--cp", type=cli_int(1), default=1)
+    lay.add_argument("--dp", type=cli_int(1), default=1, help="data parallel size (shards optimizer state in the memory model)")
     lay.add_argument("--recompute", default="none", choices=["none", "full", "mtp"])
     lay.add_argument("--mem-cap", type=float, default=None, help="per-rank memory cap in GiB")
     lay.add_argument("--calibration", default=None, help="JSON from `ling-plan calibrate`")
@@ -82,17 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help="time each unit type (E, D, M, MTP_T, MTP_L, L) with the real modules")
     _add_model(cal)
     cal.add_argument("--out", required=True)
-    cal.add_argument("--reps", type=int, default=5)
-    cal.add_argument("--threads", type=int, default=1)
+    cal.add_argument("--reps", type=cli_int(1), default=5)
+    cal.add_argument("--threads", type=cli_int(1), default=1)
     cal.add_argument("--force", action="store_true")
     cal.add_argument("--nice", type=int, default=None, help="renice the timing process (e.g. -10; needs privilege)")
 
     mea = sub.add_parser("measure", help="run layouts for real on local CPU ranks (gloo) under the bubble profiler")
     _add_model(mea)
-    mea.add_argument("--pp", type=int, required=True)
+    mea.add_argument("--pp", type=cli_int(1), required=True)
     mea.add_argument("--layouts", nargs="+", required=True)
-    mea.add_argument("--micro-batches", type=int, required=True)
-    mea.add_argument("--steps", type=int, default=3)
+    mea.add_argument("--micro-batches", type=cli_int(1), required=True)
+    mea.add_argument("--steps", type=cli_int(1), default=3)
     mea.add_argument("--out", required=True)
     mea.add_argument("--timeout", type=float, default=600.0)
     mea.add_argument("--force", action="store_true", help="reuse a non-empty --out folder")

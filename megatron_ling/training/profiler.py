@@ -29,11 +29,12 @@ import contextlib
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from megatron_ling.config_utils import check_fields, spec
 from megatron_ling.errors import LingConfigError
 from megatron_ling.pipeline.profile import write_rank_profile
 
@@ -52,12 +53,13 @@ class ProfilingConfig:
     """
 
     enabled: bool = False
-    steps: list = field(default_factory=lambda: [2, 3])
+    steps: list[int] = spec(default_factory=lambda: [2, 3], range=">= 1")
     dir: Optional[str] = None
     all_ranks: bool = False
     cuda_events: bool = True
 
     def validate(self, prefix: str = "profiling") -> "ProfilingConfig":
+        check_fields(self, prefix)
         if not isinstance(self.enabled, bool):
             raise LingConfigError(f"{prefix}.enabled: must be true or false, got {self.enabled!r}")
         if isinstance(self.steps, int):

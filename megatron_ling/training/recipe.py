@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Optional
 
 import yaml
 
-from megatron_ling.config_utils import apply_overrides, from_dict, load_yaml, to_dict
+from megatron_ling.config_utils import (apply_overrides, check_fields, check_output_path, coerce_field, from_dict,
+                                        load_yaml, spec, to_dict)
 from megatron_ling.data.config import DataConfig
 from megatron_ling.errors import LingConfigError
 from megatron_ling.models.config import LingConfig, get_preset
@@ -33,10 +35,22 @@ class ModelSection(ModelOptions):
     def ling_config(self) -> LingConfig:
         if self.hf_config:
             cfg = LingConfig.from_hf_config(self.hf_config)
-            return cfg.replace(**self.overrides) if self.overrides else cfg
-        if not self.preset:
+        elif not self.preset:
             raise LingConfigError("model.preset: give a preset name (e.g. ling-tiny) or model.hf_config")
-        return get_preset(self.preset, **self.overrides)
+        else:
+            cfg = get_preset(self.preset)
+        return cfg.replace(**self._typed_overrides()) if self.overrides else cfg
+
+    def _typed_overrides(self) -> dict:
+        """model.overrides checked against LingConfig's field types, named as the user wrote them."""
+        hints = typing.get_type_hints(LingConfig)
+        out = {}
+        for k, v in self.overrides.items():
+            if k not in hints or k == "extra":
+                raise LingConfigError(f"model.overrides.{k}: unknown Ling config field; valid fields are those "
+                                      f"of HF BailingMoeV2 config.json ({', '.join(n for n in hints if n != 'extra')})")
+            out[k] = coerce_field(v, hints[k], f"model.overrides.{k}")
+        return out
 
     def options(self) -> ModelOptions:
         names = {f.name for f in dataclasses.fields(ModelOptions)}
@@ -45,24 +59,24 @@ class ModelSection(ModelOptions):
 
 @dataclass
 class TrainingConfig:
-    train_iters: int = 100
-    micro_batch_size: int = 1
-    global_batch_size: int = 8
-    seq_length: int = 128
-    eval_interval: Optional[int] = None
-    eval_iters: int = 2
+    train_iters: int = spec(100, ">= 1")
+    micro_batch_size: int = spec(1, ">= 1")
+    global_batch_size: int = spec(8, ">= 1")
+    seq_length: int = spec(128, ">= 1")
+    eval_interval: Optional[int] = spec(None, ">= 1")
+    eval_iters: int = spec(2, ">= 1")
     calculate_per_token_loss: bool = False
 
 
 @dataclass
 class OptimizerSection:
-    lr: float = 3e-4
-    min_lr: float = 0.0
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
+    lr: float = spec(3e-4, "> 0")
+    min_lr: float = spec(0.0, ">= 0")
+    weight_decay: float = spec(0.1, ">= 0")
+    adam_beta1: float = spec(0.9, "[0, 1)")
+    adam_beta2: float = spec(0.95, "[0, 1)")
+    adam_eps: float = spec(1e-8, "> 0")
+    clip_grad: float = spec(1.0, ">= 0")  # 0: no clipping
 
 
 @dataclass
@@ -70,31 +84,31 @@ class LRConfig:
     # wsm: warmup then constant (decay is emulated by merging checkpoints, WSM); constant: same
     # without warmup semantics; cosine / linear: decay to min_lr over decay_iters; wsd: warmup,
     # stable, then decay over wsd_decay_iters at the end.
-    schedule: str = "wsm"
-    warmup_iters: int = 0
-    decay_iters: Optional[int] = None  # default: training.train_iters
-    wsd_decay_iters: Optional[int] = None
-    wsd_decay_style: str = "exponential"
+    schedule: str = spec("wsm", choices=("wsm", "constant", "cosine", "linear", "wsd"))
+    warmup_iters: int = spec(0, ">= 0")
+    decay_iters: Optional[int] = spec(None, ">= 1")  # default: training.train_iters
+    wsd_decay_iters: Optional[int] = spec(None, ">= 1")
+    wsd_decay_style: str = spec("exponential", choices=("exponential", "linear", "cosine", "minus_sqrt"))
 
 
 @dataclass
 class CheckpointConfig:
     dir: Optional[str] = None  # default: {run_dir}/checkpoints
-    interval: Optional[int] = None  # save every N iterations (and always at the end)
+    interval: Optional[int] = spec(None, ">= 1")  # save every N iterations (and always at the end)
     resume: str = "auto"  # auto (latest complete checkpoint in dir, if any) | none | PATH
     load_optimizer: bool = True  # false: load model weights only (e.g. across EP sizes)
     finetune: bool = False  # load weights only and start at iteration 0 (e.g. after from-hf)
     save: bool = True
-    keep_last: Optional[int] = None
+    keep_last: Optional[int] = spec(None, ">= 1")
 
 
 @dataclass
 class LoggingConfig:
-    log_interval: int = 1
+    log_interval: int = spec(1, ">= 1")
     tensorboard_dir: Optional[str] = None  # default: {run_dir}/tensorboard
     metrics_file: Optional[str] = None  # default: {run_dir}/metrics.jsonl
     per_layer_moe_stats: bool = True
-    peak_tflops: Optional[float] = None  # dense peak per GPU for MFU; default: the device table (throughput.py)
+    peak_tflops: Optional[float] = spec(None, "> 0")  # dense peak per GPU for MFU; default: the device table (throughput.py)
 
 
 @dataclass
@@ -137,13 +151,15 @@ class Recipe:
     # -------------------------------------------------------------- validation
     def validate(self, world_size: Optional[int] = None) -> "Recipe":
         """All checks that need no process group. ``world_size``: number of processes."""
+        check_output_path(coerce_field(self.run_dir, str, "run_dir"), "run_dir")
+        for f in dataclasses.fields(self):  # types and ranges of every section's fields
+            if dataclasses.is_dataclass(getattr(self, f.name)):
+                check_fields(getattr(self, f.name), f.name)
+        self._validate_paths()
         ling = self.model.ling_config().validate()
         self.model.options().validate()
         par = self.parallel.validate(world_size)
         t = self.training
-        for name in ("train_iters", "micro_batch_size", "global_batch_size", "seq_length"):
-            if getattr(t, name) < 1:
-                raise LingConfigError(f"training.{name}: must be >= 1, got {getattr(t, name)}")
         if ling.num_attention_heads % par.tp:
             raise LingConfigError(f"parallel.tp: tp={par.tp} does not divide num_attention_heads="
                                   f"{ling.num_attention_heads}; pick a tp that divides it")
@@ -173,18 +189,23 @@ class Recipe:
                                       f"microbatches ({nmb}) to be a multiple of pp={par.pp}")
         self._validate_pipeline(ling)
         self._validate_lr()
-        if self.checkpoint.interval is not None and self.checkpoint.interval < 1:
-            raise LingConfigError("checkpoint.interval: must be >= 1 or null")
         if self.checkpoint.resume not in ("auto", "none") and not os.path.isdir(self.checkpoint.resume):
             raise LingConfigError(f"checkpoint.resume: {self.checkpoint.resume} is not a directory; "
                                   f"use auto, none, or a checkpoint directory")
-        if self.logging.log_interval < 1:
-            raise LingConfigError("logging.log_interval: must be >= 1")
-        if self.logging.peak_tflops is not None and not self.logging.peak_tflops > 0:
-            raise LingConfigError(f"logging.peak_tflops: must be > 0 (TFLOP/s per GPU) or null, got "
-                                  f"{self.logging.peak_tflops}")
         self.data.validate()
+        self.profiling.validate()
         return self
+
+    def _validate_paths(self) -> None:
+        """Output locations the run will create, refused now rather than at the first write."""
+        for name, path in (("checkpoint.dir", self.checkpoint.dir), ("logging.tensorboard_dir", self.logging.tensorboard_dir),
+                           ("profiling.dir", self.profiling.dir), ("data.cache_dir", self.data.cache_dir)):
+            if path is not None:
+                check_output_path(path, name)
+        if self.logging.metrics_file is not None:
+            if os.path.isdir(self.logging.metrics_file):
+                raise LingConfigError(f"logging.metrics_file: {self.logging.metrics_file} is a directory; give a file path")
+            check_output_path(os.path.dirname(os.path.abspath(self.logging.metrics_file)), "logging.metrics_file")
 
     def _validate_pipeline(self, ling: LingConfig) -> None:
         par = self.parallel
@@ -214,8 +235,6 @@ class Recipe:
 
     def _validate_lr(self) -> None:
         lr = self.lr
-        if lr.schedule not in ("wsm", "constant", "cosine", "linear", "wsd"):
-            raise LingConfigError(f"lr.schedule: must be wsm, constant, cosine, linear or wsd, got {lr.schedule!r}")
         if lr.warmup_iters < 0 or lr.warmup_iters > self.training.train_iters:
             raise LingConfigError(f"lr.warmup_iters: must be in [0, training.train_iters={self.training.train_iters}]")
         if lr.schedule == "wsd" and not lr.wsd_decay_iters:
