@@ -85,7 +85,8 @@ class CheckpointConfig:
     load_optimizer: bool = True  # false: load model weights only (e.g. across EP sizes)
     finetune: bool = False  # load weights only and start at iteration 0 (e.g. after from-hf)
     save: bool = True
-    keep_last: Optional[int] = None
+    keep_last: Optional[int] = None  # keep the newest N iterations of this run (>= 1); null: keep all
+    verify_checksums: bool = True  # check the resumed checkpoint against its checksums.json first
 
 
 @dataclass
@@ -174,6 +175,10 @@ class Recipe:
         self._validate_lr()
         if self.checkpoint.interval is not None and self.checkpoint.interval < 1:
             raise LingConfigError("checkpoint.interval: must be >= 1 or null")
+        keep = self.checkpoint.keep_last
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+            raise LingConfigError(f"checkpoint.keep_last: must be an integer >= 1 (the newest N checkpoints are "
+                                  f"kept) or null (keep all), got {keep!r}")
         if self.checkpoint.resume not in ("auto", "none") and not os.path.isdir(self.checkpoint.resume):
             raise LingConfigError(f"checkpoint.resume: {self.checkpoint.resume} is not a directory; "
                                   f"use auto, none, or a checkpoint directory")
