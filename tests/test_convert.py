@@ -108,7 +108,7 @@ def test_checkpoint_layout_resolves_one_iteration(tmp_path):
     assert layout.read_common_state(str(tmp_path / "run")) == {"iteration": 10}
     os.remove(root / layout.TRACKER)  # tracker-less: the newest complete iteration
     assert layout.resolve(str(root)) == str(root / "iter_0000010")
-    layout.prune(str(root), 1)
+    layout.prune(str(root), 1, 10)
     assert layout.list_iterations(str(root)) == [10]
     rel = tmp_path / "rel"
     layout.write_common_state(str(layout.begin_save(str(rel), "release")), {})

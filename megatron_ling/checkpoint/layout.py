@@ -141,12 +141,24 @@ def commit_save(root: str, iteration: Iteration) -> str:
     return final
 
 
-def prune(root: str, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` iterations (never the one the tracker names)."""
-    keep = latest_iteration(root)
-    for it in list_iterations(root)[:-keep_last]:
-        if it != keep:
+def prune(root: str, keep_last: int, saved: Iteration) -> None:
+    """Delete the oldest iterations below ``saved`` (the one just written) so that ``keep_last``
+    remain; never ``saved`` nor the one the tracker names. Iteration numbers are this run's order
+    because a run refuses to write into a directory holding iterations newer than its start
+    (:func:`newer_iterations`)."""
+    if keep_last < 1:
+        raise LingConfigError(f"checkpoint.keep_last: must be >= 1 or null, got {keep_last}")
+    keep = {latest_iteration(root), saved}
+    older = [it for it in list_iterations(root) if saved == RELEASE or it < int(saved)]
+    for it in older[:max(0, len(older) - (keep_last - 1))]:
+        if it not in keep:
             shutil.rmtree(iteration_dir(root, it), ignore_errors=True)
+
+
+def newer_iterations(root: str, start: int) -> list[int]:
+    """Complete iterations under ``root`` above ``start``: a run starting at ``start`` would
+    overwrite them with its own saves of the same numbers (and ``keep_last`` would prune by them)."""
+    return [it for it in list_iterations(root) if it > start]
 
 
 def write_common_state(iter_dir: str, common: dict) -> None:

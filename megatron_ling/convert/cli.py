@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--config", default=None, help="config.json to use instead of the checkpoint's ling_config")
     a.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     a.add_argument("--no-progress", action="store_true")
+    a.add_argument("--no-verify-checksums", action="store_true",
+                   help="skip checking the checkpoint's files against its checksums.json (faster, unsafe)")
     b = sub.add_parser("from-hf", help="HF directory -> megatron-ling torch_dist checkpoint")
     b.add_argument("hf_dir")
     b.add_argument("out_dir")
@@ -50,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seq-len", type=int, default=32)
     c.add_argument("--batch", type=int, default=2)
     c.add_argument("--tol", type=float, default=None, help="exit 1 if max |delta| exceeds this")
+    c.add_argument("--no-verify-checksums", action="store_true", help="skip the checksums.json check")
     return p
 
 
@@ -61,7 +64,8 @@ def main(argv=None) -> int:
 
         r = to_hf(args.ckpt_dir, args.out_dir, dtype=args.dtype, mtp=args.mtp,
                   shard_size=parse_size(args.shard_size), hf_files=args.hf_files, config=args.config,
-                  force=args.force, show_progress=not args.no_progress)
+                  force=args.force, show_progress=not args.no_progress,
+                  verify_checksums=not args.no_verify_checksums)
         print(r.summary)
     elif args.cmd == "from-hf":
         from megatron_ling.convert.from_hf import from_hf
@@ -72,7 +76,8 @@ def main(argv=None) -> int:
     else:
         from megatron_ling.convert.verify import verify
 
-        r = verify(args.ckpt_dir, args.hf_dir, seq_len=args.seq_len, batch=args.batch)
+        r = verify(args.ckpt_dir, args.hf_dir, seq_len=args.seq_len, batch=args.batch,
+                   verify_checksums=not args.no_verify_checksums)
         print(f"max |delta logits| = {r['max_abs_diff']:.3e} (mean {r['mean_abs_diff']:.3e}, "
               f"max |logit| {r['max_abs_logit']:.3f}, {r['tokens']} tokens)")
         if args.tol is not None and r["max_abs_diff"] > args.tol:

@@ -13,7 +13,15 @@ from megatron_ling.errors import LingConfigError
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp8": "bfloat16"}
 
 
-def check_output(out_dir: str, force: bool) -> None:
+def check_output(out_dir: str, force: bool, inputs: tuple = ()) -> None:
+    """Refuse an existing ``out_dir`` without ``force``, and always one that is or contains one of
+    ``inputs`` (``--force`` would replace the user's input with the export)."""
+    out = os.path.realpath(out_dir)
+    for src in inputs:
+        src_real = os.path.realpath(src)
+        if src_real == out or src_real.startswith(out.rstrip(os.sep) + os.sep):
+            raise LingConfigError(f"output: {out_dir} {'is' if src_real == out else 'contains'} the input {src}; "
+                                  f"replacing it would delete the input: choose an output directory outside it")
     if os.path.lexists(out_dir) and not force:
         raise LingConfigError(f"output: {out_dir} already exists; pass --force to replace it "
                               f"or choose another directory")
@@ -29,6 +37,9 @@ def atomic_dir(out_dir: str, force: bool):
     check_output(out_dir, force)
     out_dir = os.path.abspath(out_dir)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=os.path.dirname(out_dir))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700: the output gets the mode mkdir would give it
     try:
         yield tmp
         if os.path.lexists(out_dir):  # --force: replace only once the new output is complete

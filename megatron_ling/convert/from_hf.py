@@ -48,7 +48,7 @@ def from_hf(hf_dir: str, out_dir: str, dtype: str = "auto", mtp: str = "keep", f
         raise LingConfigError(f"--dtype: must be auto, bf16 or fp32, got {dtype!r}")
     if mtp not in ("keep", "drop"):
         raise LingConfigError(f"--mtp: must be keep or drop, got {mtp!r}")
-    check_output(out_dir, force)
+    check_output(out_dir, force, inputs=(hf_dir,))
     cfg = LingConfig.from_hf_config(hf_dir)
     quant = cfg.extra.pop("quantization_config", None)
     if quant is not None and (quant.get("quant_method") != "fp8" or

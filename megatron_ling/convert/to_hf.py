@@ -104,7 +104,7 @@ def copy_hf_files(src: str, dst: str) -> list[str]:
 
 def to_hf(ckpt_dir: str, out_dir: str, dtype: str = "bf16", mtp: str = "keep", shard_size: int = 5 * 1024 ** 3,
           hf_files: str | None = None, config: str | None = None, force: bool = False,
-          show_progress: bool = True) -> ToHFResult:
+          show_progress: bool = True, verify_checksums: bool = True) -> ToHFResult:
     """Convert; returns what was written. Raises LingConfigError (one line) on bad input, before
     anything is written (the output appears only when complete). ``ckpt_dir`` may also be an
     object with TorchDistReader's read interface (``ling-merge --hf`` streams a merge through it)."""
@@ -114,10 +114,11 @@ def to_hf(ckpt_dir: str, out_dir: str, dtype: str = "bf16", mtp: str = "keep", s
         raise LingConfigError(f"--mtp: must be keep or drop, got {mtp!r}")
     if shard_size <= 0:
         raise LingConfigError("--shard-size: must be positive")
-    check_output(out_dir, force)
+    check_output(out_dir, force, inputs=(ckpt_dir,) if isinstance(ckpt_dir, str) else ())
     if hf_files is not None and not os.path.isdir(hf_files):
         raise LingConfigError(f"--hf-files: {hf_files} is not a directory")
-    reader = TorchDistReader(ckpt_dir) if isinstance(ckpt_dir, str) else ckpt_dir
+    reader = (TorchDistReader(ckpt_dir, verify_checksums=verify_checksums) if isinstance(ckpt_dir, str)
+              else ckpt_dir)
     cfg = load_config(reader, config)
     keys = index_checkpoint(reader, cfg)
     keep_mtp = mtp == "keep" and cfg.num_nextn_predict_layers > 0

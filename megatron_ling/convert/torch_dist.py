@@ -37,7 +37,8 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import LoadPlan
 
-from megatron_ling.checkpoint import layout
+from megatron_ling.checkpoint import layout, manifest
+from megatron_ling.checkpoint.metadata import read_metadata
 from megatron_ling.errors import LingConfigError
 
 MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
@@ -64,14 +65,12 @@ class _Sink:
 
 
 class TorchDistReader:
-    def __init__(self, path: str):
+    def __init__(self, path: str, verify_checksums: bool = True):
         self.path = layout.resolve(path)
+        if verify_checksums:
+            manifest.check(self.path)  # every file against checksums.json (threads), before any is used
         self._reader = FileSystemReader(self.path)
-        try:
-            self.metadata: Metadata = self._reader.read_metadata()
-        except Exception as e:  # truncated / not a pickle
-            raise LingConfigError(f"checkpoint: cannot read {self.path}/.metadata ({type(e).__name__}: {e}); "
-                                  f"the checkpoint is incomplete or corrupt") from None
+        self.metadata: Metadata = read_metadata(self.path)  # allow-list unpickler, never pickle.load
         self._reader.set_up_storage_reader(self.metadata, is_coordinator=True)
         self.tensors = {k: v for k, v in self.metadata.state_dict_metadata.items()
                         if isinstance(v, TensorStorageMetadata)}
@@ -261,3 +260,4 @@ class TorchDistWriter:
                       storage_data=self.storage_data, storage_meta=StorageMeta(checkpoint_id=self.path))
         with open(os.path.join(self.path, ".metadata"), "wb") as f:
             pickle.dump(md, f)
+        manifest.write_manifest(self.path, manifest.hash_files(self.path, manifest.checkpoint_files(self.path)))

@@ -12,7 +12,8 @@ import contextlib
 
 import torch
 
-from megatron_ling.checkpoint import layout
+from megatron_ling.checkpoint import layout, manifest
+from megatron_ling.checkpoint.metadata import read_metadata
 from megatron_ling.errors import LingConfigError
 from megatron_ling.models.config import LingConfig
 
@@ -38,7 +39,7 @@ def single_process_megatron():
             dist.destroy_process_group()
 
 
-def load_megatron_model(ckpt_dir: str, cfg: LingConfig | None = None):
+def load_megatron_model(ckpt_dir: str, cfg: LingConfig | None = None, verify_checksums: bool = True):
     """Build the fp32 TP1 model and load ``ckpt_dir`` into it (inside ``single_process_megatron``)."""
     from megatron.core import dist_checkpointing
 
@@ -46,6 +47,9 @@ def load_megatron_model(ckpt_dir: str, cfg: LingConfig | None = None):
     from megatron_ling.models.megatron_config import to_transformer_config
 
     path = layout.resolve(ckpt_dir)
+    if verify_checksums:
+        manifest.check(path)
+    read_metadata(path)  # allow-list check before megatron-core unpickles it
     if cfg is None:
         d = layout.read_common_state(path).get("ling_config")
         if not isinstance(d, dict):
@@ -128,20 +132,26 @@ def reference_logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits.float()
 
 
-def _megatron_logits(ckpt_dir: str, ids: torch.Tensor):
+def _megatron_logits(ckpt_dir: str, ids: torch.Tensor, verify_checksums: bool = True):
     with single_process_megatron():
-        cfg, model = load_megatron_model(ckpt_dir)
+        cfg, model = load_megatron_model(ckpt_dir, verify_checksums=verify_checksums)
         logits, _ = megatron_forward(model, ids)
     return cfg.to_hf_dict(), logits
 
 
-def verify(ckpt_dir: str, hf_dir: str, seq_len: int = 32, batch: int = 2, seed: int = 0) -> dict:
+def verify(ckpt_dir: str, hf_dir: str, seq_len: int = 32, batch: int = 2, seed: int = 0,
+           verify_checksums: bool = True) -> dict:
     """max |Δ logits| between the megatron checkpoint and the HF directory on random tokens.
     Single process: it installs the compat patches and a 1-rank process group in this process."""
     cfg_hf = LingConfig.from_hf_config(hf_dir)
+    if not 1 <= seq_len <= cfg_hf.max_position_embeddings:
+        raise LingConfigError(f"--seq-len: must be in [1, max_position_embeddings={cfg_hf.max_position_embeddings}] "
+                              f"of {hf_dir}/config.json, got {seq_len}")
+    if batch < 1:
+        raise LingConfigError(f"--batch: must be >= 1, got {batch}")
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg_hf.vocab_size, (batch, seq_len), generator=g)
-    cfg_d, mlogits = _megatron_logits(ckpt_dir, ids)
+    cfg_d, mlogits = _megatron_logits(ckpt_dir, ids, verify_checksums)
     if cfg_d["vocab_size"] != cfg_hf.vocab_size or cfg_d["hidden_size"] != cfg_hf.hidden_size:
         raise LingConfigError("verify: the checkpoint and the HF directory are different models "
                               "(vocab_size/hidden_size differ)")

@@ -187,7 +187,10 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer: str | None = No
             pool.terminate()
             pool.join()
         if builder is not None and not builder.data_file.closed:
-            builder.data_file.close()
+            try:
+                builder.data_file.close()
+            except OSError:  # a full disk fails the final flush too: still remove the temp files
+                pass
         for p in (tmp_bin, tmp_idx):
             if os.path.exists(p):
                 os.remove(p)

@@ -8,11 +8,13 @@ ling_config (HF config.json dict), recipe, parallel layout, LR scheduler state, 
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 
-from megatron_ling.checkpoint import layout
+from megatron_ling.checkpoint import layout, manifest
+from megatron_ling.checkpoint.metadata import read_metadata
 from megatron_ling.errors import LingConfigError
 from megatron_ling.version import __version__
 
@@ -74,12 +76,65 @@ def save_checkpoint(bundle, optimizer, lr_scheduler, ckpt_dir: str, iteration: i
     )
     dist_checkpointing.save(state, tmp, sharded_strategy=("torch_dist", 1))
     _barrier()
+    _write_manifest(tmp)
     if _rank() == 0:
         layout.commit_save(ckpt_dir, iteration)
         if keep_last:
-            layout.prune(ckpt_dir, keep_last)
+            layout.prune(ckpt_dir, keep_last, iteration)
     _barrier()
     return layout.iteration_dir(ckpt_dir, iteration)
+
+
+def _world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def _all_gather(obj) -> list:
+    if not torch.distributed.is_initialized():
+        return [obj]
+    out = [None] * _world()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _write_manifest(tmp: str) -> None:
+    """Every rank hashes its share of the saved files (threads within a rank); rank 0 writes the
+    manifest into ``tmp`` before the save is committed. Collective."""
+    names = manifest.checkpoint_files(tmp) if _rank() == 0 else None
+    if torch.distributed.is_initialized():
+        box = [names]
+        torch.distributed.broadcast_object_list(box, src=0)
+        names = box[0]
+    parts = _all_gather(manifest.hash_files(tmp, manifest.share(names, _rank(), _world())))
+    if _rank() == 0:
+        manifest.write_manifest(tmp, {k: v for part in parts for k, v in part.items()})
+
+
+def verify_checkpoint(path: str) -> None:
+    """The checkpoint's files against its manifest, the files shared over the ranks; the same
+    one-line LingConfigError on every rank when one is missing or corrupt. Collective."""
+    expected = manifest.read_manifest(path)
+    if expected is None:
+        if _rank() == 0:
+            print(f"note: {path} has no {manifest.MANIFEST} (saved before checksums); loading it unverified",
+                  flush=True)
+        return
+    mine = manifest.share(sorted(expected), _rank(), _world())
+    problems = [p for p in _all_gather(manifest.verify(path, mine)) if p]
+    if problems:
+        raise LingConfigError(problems[0])
+
+
+def _check_readable(path: str) -> None:
+    """A missing common state or an unreadable file is one line here, not a megatron traceback.
+    No silent fallback to an older checkpoint: the user decides whether to lose those iterations."""
+    if not os.path.isfile(os.path.join(path, layout.COMMON_STATE)):
+        raise LingConfigError(f"checkpoint.resume: {path} has no {layout.COMMON_STATE} (incomplete copy?); copy it "
+                              f"again, or resume from an earlier iter_* directory (checkpoint.resume=PATH)")
+    for name in manifest.checkpoint_files(path):
+        if not os.access(os.path.join(path, name), os.R_OK):
+            raise LingConfigError(f"checkpoint.resume: {os.path.join(path, name)} is not readable; fix its "
+                                  f"permissions, or resume from an earlier iter_* directory (checkpoint.resume=PATH)")
 
 
 def _check_optimizer_reshard(saved: dict, parallel) -> None:
@@ -103,14 +158,21 @@ def _check_optimizer_reshard(saved: dict, parallel) -> None:
 
 
 def load_checkpoint(bundle, optimizer, lr_scheduler, path: str, load_optimizer: bool = True,
-                    parallel=None, strict: bool = True) -> dict:
+                    parallel=None, strict: bool = True, verify_checksums: bool = True) -> dict:
     """Load a checkpoint (root dir or iter dir) into ``bundle`` (+ optimizer, + scheduler).
-    Returns its common state. Model weights load at any layout; see _check_optimizer_reshard."""
+    Returns its common state. Model weights load at any layout; see _check_optimizer_reshard.
+    Before megatron-core opens the directory: its files are checked against the checksum manifest
+    (``verify_checksums``), its ``.metadata`` through the allow-list unpickler and its common state
+    is read with weights_only=True - megatron's own loader then unpickles only checked files."""
     from megatron.core import dist_checkpointing
 
     path = layout.resolve(path, field="checkpoint.resume")
+    _check_readable(path)
+    if verify_checksums:
+        verify_checkpoint(path)
+    metadata = read_metadata(path)
     common = layout.read_common_state(path)
-    has_optimizer = _has_optimizer_state(path)
+    has_optimizer = any(k.startswith("optimizer.") for k in metadata.state_dict_metadata)
     want_optimizer = load_optimizer and optimizer is not None and has_optimizer
     if want_optimizer:
         _check_optimizer_reshard(common.get("parallel") or {}, parallel)
@@ -146,14 +208,3 @@ def load_checkpoint(bundle, optimizer, lr_scheduler, path: str, load_optimizer: 
     assert_fp32_expert_bias(bundle.unwrapped)
     common["loaded_optimizer"] = want_optimizer
     return common
-
-
-def _has_optimizer_state(path: str) -> bool:
-    """Whether the checkpoint holds optimizer tensors (a from-hf import holds the model only)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        meta = FileSystemReader(path).read_metadata()
-    except Exception:
-        return False
-    return any(k.startswith("optimizer.") for k in meta.state_dict_metadata)

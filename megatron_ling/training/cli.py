@@ -57,8 +57,12 @@ def main(argv=None) -> int:
             i = argv.index("--nproc-per-node")
             rest = argv[:i] + argv[i + 2:]
         from megatron_ling.local_launch import torchrun_local
+        from megatron_ling.training.run_lock import child_env, hold
 
-        return torchrun_local(args.nproc_per_node, "megatron_ling.training.cli", rest)
+        hold(recipe.run_dir)  # for the run's life; a second run on this dir stops here
+        stop_file = os.environ.get("LING_STOP_FILE") or os.path.join(os.path.abspath(recipe.run_dir), ".stop")
+        return torchrun_local(args.nproc_per_node, "megatron_ling.training.cli", rest, stop_file,
+                              env=child_env(recipe.run_dir))
     from megatron_ling.training.trainer import train
 
     result = train(recipe)

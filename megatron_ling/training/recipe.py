@@ -99,7 +99,8 @@ class CheckpointConfig:
     load_optimizer: bool = True  # false: load model weights only (e.g. across EP sizes)
     finetune: bool = False  # load weights only and start at iteration 0 (e.g. after from-hf)
     save: bool = True
-    keep_last: Optional[int] = spec(None, ">= 1")
+    keep_last: Optional[int] = spec(None, ">= 1")  # keep the newest N iterations of this run; null: keep all
+    verify_checksums: bool = True  # check the resumed checkpoint against its checksums.json first
 
 
 @dataclass

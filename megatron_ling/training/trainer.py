@@ -6,7 +6,10 @@ evaluation, checkpoints); ``train(recipe) = run(setup(recipe))``. Drivers that n
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
+import signal
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -37,6 +40,7 @@ def preflight(recipe: Recipe, world_size: int):
     from megatron_ling.models.megatron_config import te_available
 
     recipe.validate(world_size)
+    _check_save_dir(recipe)
     ling = recipe.model.ling_config()
     if recipe.parallel.cp > 1 and not te_available():
         raise LingConfigError("parallel.cp: context parallelism needs Transformer Engine attention on GPUs; set cp: 1")
@@ -56,6 +60,57 @@ def preflight(recipe: Recipe, world_size: int):
                 f"model.overrides.vocab_size: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                 f"vocab_size is {ling.vocab_size}; set model.overrides.vocab_size >= {tokenizer.vocab_size}")
     return ling, data_cfg, tokenizer
+
+
+class TrainingDiverged(LingConfigError):
+    """The loss or the gradient norm is NaN/inf: the run stops without saving (Megatron-LM's
+    check-for-nan); the last checkpoint written is the newest good state."""
+
+
+def _check_finite(iteration: int, lm_loss: float, grad_norm: Optional[float], skipped: bool) -> None:
+    # lm_loss is reduced over data parallel and broadcast over the pipeline, grad_norm is global:
+    # every rank sees the same values and stops at the same step, no extra collective needed.
+    bad = [n for n, v in (("lm loss", lm_loss), ("grad norm", None if skipped else grad_norm))
+           if v is not None and not math.isfinite(v)]
+    if bad:
+        raise TrainingDiverged(f"training diverged: {bad[0]} is {lm_loss if bad[0] == 'lm loss' else grad_norm} at "
+                               f"iteration {iteration}; stopped without saving it (resume from the last checkpoint "
+                               f"with a lower optimizer.lr or check the data)")
+
+
+def _auto_resume_point(ckpt_dir: str):
+    """What ``checkpoint.resume: auto`` loads from ``ckpt_dir``: the tracker's iteration or, with no
+    tracker, the newest complete ``iter_*`` (said on stdout). None: a fresh start."""
+    from megatron_ling.checkpoint import layout
+
+    if layout.latest_iteration(ckpt_dir) is not None:
+        return ckpt_dir
+    if layout.list_iterations(ckpt_dir):
+        return layout.resolve(ckpt_dir, "checkpoint.dir")
+    return None
+
+
+def _check_save_dir(recipe: Recipe) -> None:
+    """Refuse a run whose saves would overwrite (or whose ``keep_last`` would prune by) iterations
+    newer than its start: resuming an older iteration, or fine-tuning, into a directory that holds
+    a later checkpoint. Megatron-LM users branch into a new ``--save`` directory; so do we."""
+    from megatron_ling.checkpoint import layout
+
+    c = recipe.checkpoint
+    if not c.save or not layout.list_iterations(recipe.checkpoint_dir):
+        return
+    src = _auto_resume_point(recipe.checkpoint_dir) if c.resume == "auto" else (None if c.resume == "none" else c.resume)
+    start = 0
+    if src is not None and not c.finetune:
+        d = layout.resolve(src, "checkpoint.resume")
+        m = re.match(r"iter_(\d{7})$", os.path.basename(d))
+        start = int(m.group(1)) if m else int(layout.read_common_state(d).get("iteration", 0))
+    newer = layout.newer_iterations(recipe.checkpoint_dir, start)
+    if newer:
+        raise LingConfigError(
+            f"checkpoint.dir: {recipe.checkpoint_dir} already holds iteration {newer[-1]}, newer than this run's start "
+            f"({start}); its saves would overwrite or prune it: set checkpoint.dir (or run_dir) to a new directory "
+            f"to branch from an older checkpoint, or remove the newer iter_* directories yourself")
 
 
 def _resolve_pipeline_layout(recipe: Recipe, ling, world_size: int) -> None:
@@ -140,6 +195,12 @@ def setup(recipe: Recipe) -> Session:
     from megatron_ling.training.setup import (build_lr_scheduler, build_model, build_optimizer,
                                               init_distributed, init_model_parallel, prepare_process)
 
+    from megatron_ling.training.run_lock import hold
+    from megatron_ling.utils import signal_when_parent_dies
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        hold(recipe.run_dir)  # before any process group: a second run on this dir is one line
+    signal_when_parent_dies(signal.SIGTERM)  # orphaned by its launcher: stop like on a preemption
     prepare_process(cpu_threads=int(os.environ.get("LING_CPU_THREADS", "0")) or None)
     init_distributed()
     rank = torch.distributed.get_rank()
@@ -176,8 +237,10 @@ def _resume(recipe: Recipe, ling, bundle, optimizer, scheduler, rank: int) -> tu
 
     load_from = None
     if recipe.checkpoint.resume == "auto":
-        if latest_iteration(recipe.checkpoint_dir) is not None:
-            load_from = recipe.checkpoint_dir
+        load_from = _auto_resume_point(recipe.checkpoint_dir)
+        if load_from and latest_iteration(recipe.checkpoint_dir) is None and rank == 0:
+            print(f"warning: {recipe.checkpoint_dir} has no tracker; resuming from its newest complete checkpoint "
+                  f"{load_from}", flush=True)
     elif recipe.checkpoint.resume != "none":
         load_from = recipe.checkpoint.resume
     if not load_from:
@@ -186,7 +249,7 @@ def _resume(recipe: Recipe, ling, bundle, optimizer, scheduler, rank: int) -> tu
     finetune = recipe.checkpoint.finetune
     common = load_checkpoint(bundle, optimizer, scheduler, load_from,
                              load_optimizer=recipe.checkpoint.load_optimizer and not finetune,
-                             parallel=recipe.parallel)
+                             parallel=recipe.parallel, verify_checksums=recipe.checkpoint.verify_checksums)
     iteration, consumed = 0, 0
     if not finetune:
         iteration, consumed = int(common.get("iteration", 0)), int(common.get("consumed_samples", 0))
@@ -270,6 +333,7 @@ def run(session: Session) -> TrainResult:
             with profiler.step(iteration + 1, bundle.chunks):
                 r = s.step(mbs)
             iteration += 1
+            _check_finite(iteration, r.lm_loss, r.grad_norm, not r.update_successful)
             dt = time.time() - t0
             if iteration % recipe.logging.log_interval == 0 or iteration == 1 or iteration == t.train_iters:
                 scalars = {"lm_loss": r.lm_loss, **r.extra, "lr": scheduler.get_lr(optimizer.param_groups[0]),
@@ -286,7 +350,7 @@ def run(session: Session) -> TrainResult:
                 reason = "preempted"
                 save(iteration)
                 if rank == 0:
-                    print(f"stop requested ({stop.received or 'stop file'}): saved iteration {iteration}, exiting",
+                    print(f"stopped: preempted ({stop.received or 'stop file'}); saved iteration {iteration}",
                           flush=True)
                 break
             if interval and iteration % interval == 0 and iteration < t.train_iters:

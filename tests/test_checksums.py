@@ -1,0 +1,83 @@
+"""Issue 11 item 7: the checksum manifest. A byte flipped in each kind of checkpoint file (a model
+weight and an optimizer moment in a .distcp, common.pt, .metadata) is refused in one line by
+`ling-convert to-hf`, by the trainer's load check, and by a real resume."""
+import json
+import os
+import shutil
+
+import pytest
+
+from megatron_ling.checkpoint import manifest
+from megatron_ling.checkpoint.layout import iteration_dir
+from megatron_ling.checkpoint.metadata import read_metadata
+from megatron_ling.errors import LingConfigError
+from tests.support.runs import ckpts, convert, copy_run, error_lines, train
+
+
+def _tensor_span(iter_dir, prefix):
+    """(file, offset, length) of the stored chunk of the first key starting with ``prefix``."""
+    md = read_metadata(iter_dir)
+    idx = next(i for i in md.storage_data if i.fqn.startswith(prefix))
+    info = md.storage_data[idx]
+    return info.relative_path, info.offset, info.length
+
+
+def _flip(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+def _where(iter_dir, kind):
+    if kind in ("weight", "moment"):
+        rel, off, ln = _tensor_span(iter_dir, "model." if kind == "weight" else "optimizer.state.exp_avg")
+        return os.path.join(iter_dir, rel), off + ln - 64  # inside the tensor's bytes, before the zip trailer
+    name = {"common": "common.pt", "metadata": ".metadata"}[kind]
+    return os.path.join(iter_dir, name), os.path.getsize(os.path.join(iter_dir, name)) // 2
+
+
+def test_a_save_writes_a_manifest_of_every_file(trained):
+    d = iteration_dir(ckpts(trained), 4)
+    m = json.load(open(os.path.join(d, manifest.MANIFEST)))
+    assert m["algorithm"] == "crc32" and sorted(m["files"]) == manifest.checkpoint_files(d)
+    assert {".metadata", "common.pt", "metadata.json"} <= set(m["files"])
+    assert manifest.verify(d) is None
+
+
+@pytest.mark.parametrize("kind", ["weight", "moment", "common", "metadata"])
+def test_a_flipped_byte_in_each_kind_of_file_is_refused(trained, tmp_path, kind):
+    from megatron_ling.training.checkpoint import verify_checkpoint
+
+    run = copy_run(trained, tmp_path)
+    d = iteration_dir(ckpts(run), 4)
+    path, off = _where(d, kind)
+    _flip(path, off)
+    with pytest.raises(LingConfigError, match=f"{os.path.basename(path)} is corrupt"):
+        verify_checkpoint(d)  # the trainer's pre-load check (world size 1 here)
+    p = convert("to-hf", ckpts(run), str(tmp_path / "hf"), "--no-progress")
+    assert p.returncode == 2 and len(error_lines(p)) == 1, p.stderr[-2000:]
+    assert "is corrupt" in error_lines(p)[0] and os.path.basename(path) in error_lines(p)[0]
+    assert not os.path.exists(tmp_path / "hf")
+
+
+def test_resume_refuses_a_corrupt_optimizer_moment(trained, tmp_path):
+    run = copy_run(trained, tmp_path)
+    path, off = _where(iteration_dir(ckpts(run), 4), "moment")
+    _flip(path, off)
+    p = train(run, "training.train_iters=6")
+    assert p.returncode == 2 and len(error_lines(p)) == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "is corrupt" in error_lines(p)[0]
+    assert not os.path.exists(iteration_dir(ckpts(run), 6))
+
+
+def test_no_verify_checksums_skips_the_check(trained, tmp_path):
+    run = copy_run(trained, tmp_path)
+    d = iteration_dir(ckpts(run), 4)
+    with open(os.path.join(d, manifest.MANIFEST), "w") as f:
+        json.dump({"algorithm": "crc32", "files": {"common.pt": [1, 2]}}, f)
+    assert convert("to-hf", ckpts(run), str(tmp_path / "a"), "--no-progress").returncode == 2
+    p = convert("to-hf", ckpts(run), str(tmp_path / "b"), "--no-progress", "--no-verify-checksums")
+    assert p.returncode == 0, p.stderr[-2000:]
+    shutil.rmtree(tmp_path / "b")
