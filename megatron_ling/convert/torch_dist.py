@@ -9,9 +9,10 @@ state: megatron-ling stores ``ling_config`` there) and ``metadata.json`` (megatr
 wrote (TP/ETP row or column shards, EP expert shards, any PP/VPP stage), using torch's own
 resharding planner and ``FileSystemReader.read_data``; only that tensor's bytes are read.
 
-``TorchDistWriter`` streams tensors into ``.distcp`` files (torch.save per chunk, exactly what
-``FileSystemWriter`` writes) and pickles the matching ``Metadata`` at the end, so megatron's
-``dist_checkpointing.load`` reshards it to any layout like a checkpoint it wrote itself.
+``TorchDistWriter`` streams tensors into one ``.distcp`` file (torch.save per chunk, exactly what
+``FileSystemWriter`` writes); ``write_metadata`` pickles the matching ``Metadata`` of all files at
+the end, so megatron's ``dist_checkpointing.load`` reshards it to any layout like a checkpoint it
+wrote itself.
 """
 from __future__ import annotations
 
@@ -43,15 +44,16 @@ MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version":
 
 
 class _Sink:
-    """The two LoadPlanner methods FileSystemReader.read_data calls: copy into one dest tensor."""
+    """The two LoadPlanner methods FileSystemReader.read_data calls: copy into one dest tensor
+    (the read items' ``dest_offsets`` are relative to the requested box already)."""
 
-    def __init__(self, dest: torch.Tensor, base: tuple[int, ...]):
-        self.dest, self.base = dest, base
+    def __init__(self, dest: torch.Tensor):
+        self.dest = dest
 
     def resolve_tensor(self, req):
         t = self.dest
         for dim, (off, ln) in enumerate(zip(req.dest_offsets, req.lengths)):
-            t = t.narrow(dim, off - self.base[dim], ln)
+            t = t.narrow(dim, off, ln)
         return t
 
     def commit_tensor(self, req, tensor):
@@ -118,7 +120,7 @@ class TorchDistReader:
                 t = self._load_chunk(items[0].storage_index)  # the common case: no copy
                 if tuple(t.shape) == sizes and (dtype is None or t.dtype == dtype):
                     return t
-            self._reader.read_data(LoadPlan(items), _Sink(dest, offsets)).wait()
+            self._reader.read_data(LoadPlan(items), _Sink(dest)).wait()
         except LingConfigError:
             raise
         except Exception as e:
@@ -135,38 +137,27 @@ class TorchDistReader:
         return torch.load(buf, map_location="cpu", weights_only=True)
 
 
+_DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)}
+
+
 class TorchDistWriter:
-    """Streams tensors into a new torch_dist directory; ``close()`` writes the metadata last.
+    """Streams tensors into ONE ``.distcp`` file of a torch_dist directory (memory: one chunk) and
+    returns what the metadata needs as a JSON-able record; :func:`write_metadata` combines the
+    records of all files (written by any processes or nodes) into ``.metadata``, last."""
 
-    Every ``add`` call writes one chunk immediately (memory: that chunk). ``expert_axis=True``
-    writes a stacked ``[E, ...]`` tensor as E chunks, like megatron does at EP=E, so that an
-    EP-sharded load reads only its own experts.
-    """
-
-    def __init__(self, path: str, file_size: int = 5 * 1024 ** 3):
-        self.path = path
+    def __init__(self, path: str, rel: str):
         os.makedirs(path, exist_ok=True)
-        self.file_size = file_size
-        self.state_dict_metadata: dict = {}
-        self.storage_data: dict = {}
-        self._n = 0
-        self._f = None
-        self._rel = None
+        self.rel = rel
+        self._f = open(os.path.join(path, rel), "wb")
+        self.entries: list = []  # in write order: [key, dtype, global shape, [[offsets, sizes], ...]]
+        #                          for tensors, [key] for ShardedObjects
+        self.storage: list = []  # [key, offsets (None for objects), start, length]
         self.bytes_written = 0
-
-    def _stream(self):
-        if self._f is None or self._f.tell() >= self.file_size:
-            if self._f is not None:
-                self._f.close()
-            self._rel = f"__0_{self._n}.distcp"
-            self._n += 1
-            self._f = open(os.path.join(self.path, self._rel), "wb")
-        return self._f
 
     def _write_chunk(self, key: str, t: torch.Tensor, offsets: tuple[int, ...]):
         from torch.utils.serialization import config as ser_config
 
-        f = self._stream()
+        f = self._f
         start = f.tell()
         t = t.contiguous()
         if t.untyped_storage().nbytes() != t.numel() * t.element_size():
@@ -181,65 +172,61 @@ class TorchDistWriter:
             ser_config.save.compute_crc32 = old
         length = f.tell() - start
         self.bytes_written += length
-        self.storage_data[MetadataIndex(key, torch.Size(offsets))] = _StorageInfo(self._rel, start, length)
-
-    def add(self, key: str, t, expert_axis: bool = False) -> None:
-        """Write tensor ``t`` under ``key``. With ``expert_axis``, ``t`` may also be a list of the
-        per-expert tensors (never stacked in memory) of the global ``[E, ...]`` tensor."""
-        if key in self.state_dict_metadata:
-            raise ValueError(f"duplicate key {key}")
-        chunks = []
-        if expert_axis:
-            for e, x in enumerate(t):  # a tensor or an iterable of per-expert tensors, consumed lazily
-                x = x.unsqueeze(0)
-                off = (e,) + (0,) * (x.dim() - 1)
-                self._write_chunk(key, x, off)
-                chunks.append(ChunkStorageMetadata(torch.Size(off), x.shape))
-                dtype, shape = x.dtype, torch.Size((len(chunks),) + tuple(x.shape[1:]))
-            self.state_dict_metadata[key] = TensorStorageMetadata(TensorProperties(dtype=dtype), shape, chunks)
-            return
-        else:
-            off = (0,) * t.dim()
-            self._write_chunk(key, t, off)
-            chunks.append(ChunkStorageMetadata(torch.Size(off), t.shape))
-        self.state_dict_metadata[key] = TensorStorageMetadata(TensorProperties(dtype=t.dtype), t.shape, chunks)
+        self.storage.append([key, list(offsets), start, length])
 
     def add_chunks(self, key: str, shape, dtype: torch.dtype, chunks) -> None:
         """Write the global tensor ``key`` of ``shape`` as the given (offsets, tensor) chunks
         (consumed lazily; together they must tile the tensor exactly)."""
-        if key in self.state_dict_metadata:
-            raise ValueError(f"duplicate key {key}")
         md, n = [], 0
         for off, x in chunks:
             if x.dtype != dtype:
                 raise ValueError(f"{key}: chunk dtype {x.dtype} != {dtype}")
             self._write_chunk(key, x, off)
-            md.append(ChunkStorageMetadata(torch.Size(off), x.shape))
+            md.append([list(off), list(x.shape)])
             n += x.numel()
         if n != torch.Size(shape).numel():
             raise AssertionError(f"{key}: chunks cover {n} of {torch.Size(shape).numel()} elements")
-        self.state_dict_metadata[key] = TensorStorageMetadata(TensorProperties(dtype=dtype), torch.Size(shape), md)
+        self.entries.append([key, str(dtype), list(shape), md])
 
     def add_object(self, key: str, obj) -> None:
         """A megatron ShardedObject (e.g. a module's ``_extra_state``): torch.save([obj]) bytes."""
         buf = io.BytesIO()
         torch.save([obj], buf)
-        f = self._stream()
-        start = f.tell()
-        f.write(buf.getbuffer())
-        self.storage_data[MetadataIndex(key)] = _StorageInfo(self._rel, start, f.tell() - start)
-        self.state_dict_metadata[key] = BytesStorageMetadata()
+        start = self._f.tell()
+        self._f.write(buf.getbuffer())
+        self.storage.append([key, None, start, self._f.tell() - start])
+        self.entries.append([key])
 
-    def close(self, common: dict) -> None:
-        if self._f is not None:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            self._f = None
-        layout.write_common_state(self.path, common)
-        with open(os.path.join(self.path, "metadata.json"), "w") as f:
-            json.dump(MEGATRON_METADATA, f)
-        md = Metadata(state_dict_metadata=self.state_dict_metadata, planner_data=None,
-                      storage_data=self.storage_data, storage_meta=StorageMeta(checkpoint_id=self.path))
-        with open(os.path.join(self.path, ".metadata"), "wb") as f:
-            pickle.dump(md, f)
+    def close(self) -> dict:
+        """fsync the file; the record for :func:`write_metadata`."""
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        return {"rel": self.rel, "entries": self.entries, "storage": self.storage,
+                "bytes": self.bytes_written}
+
+
+def write_metadata(path: str, records: list[dict], common: dict) -> None:
+    """``common.pt``, ``metadata.json`` and the pickled ``Metadata`` of a torch_dist directory whose
+    ``.distcp`` files were written by :class:`TorchDistWriter` (``records`` in file order)."""
+    sd, storage = {}, {}
+    for rec in records:
+        for key, *tensor in rec["entries"]:
+            if key in sd:
+                raise ValueError(f"duplicate key {key}")
+            if not tensor:
+                sd[key] = BytesStorageMetadata()
+                continue
+            dtype, shape, chunks = tensor
+            sd[key] = TensorStorageMetadata(TensorProperties(dtype=_DTYPES[dtype]), torch.Size(shape),
+                                            [ChunkStorageMetadata(torch.Size(o), torch.Size(z)) for o, z in chunks])
+        for key, off, start, length in rec["storage"]:
+            idx = MetadataIndex(key) if off is None else MetadataIndex(key, torch.Size(off))
+            storage[idx] = _StorageInfo(rec["rel"], start, length)
+    layout.write_common_state(path, common)
+    with open(os.path.join(path, "metadata.json"), "w") as f:
+        json.dump(MEGATRON_METADATA, f)
+    md = Metadata(state_dict_metadata=sd, planner_data=None, storage_data=storage,
+                  storage_meta=StorageMeta(checkpoint_id=path))
+    with open(os.path.join(path, ".metadata"), "wb") as f:
+        pickle.dump(md, f)
