@@ -3,7 +3,8 @@
   ling-convert to-hf   CKPT_DIR OUT_DIR [--dtype bf16|fp32|fp8] [--mtp keep|drop] [--shard-size 5GB]
                        [--hf-files DIR] [--config config.json] [--force] [--workers N]
                        [--rank R --world-size W]
-  ling-convert from-hf HF_DIR OUT_DIR [--dtype auto|bf16|fp32] [--mtp keep|drop] [--force] [--workers N]
+  ling-convert from-hf HF_DIR OUT_DIR [--dtype auto|bf16|fp32] [--mtp keep|drop] [--file-size 5GB] [--force]
+                       [--workers N]
                        [--rank R --world-size W]
   ling-convert verify  CKPT_DIR HF_DIR [--seq-len 32] [--batch 2] [--tol X]
 """
@@ -16,10 +17,10 @@ import sys
 from megatron_ling.errors import LingConfigError, cli_main
 
 
-def parse_size(s: str) -> int:
+def parse_size(s: str, field: str = "--shard-size") -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*", s, re.I)
     if not m:
-        raise LingConfigError(f"--shard-size: cannot parse {s!r}; use e.g. 5GB, 500MB or a byte count")
+        raise LingConfigError(f"{field}: cannot parse {s!r}; use e.g. 5GB, 500MB or a byte count")
     mult = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}[m.group(2).upper()]
     return int(float(m.group(1)) * mult)
 
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                    help="auto: keep the HF dtype (FP8 weights are dequantized to bf16)")
     b.add_argument("--mtp", default="keep", choices=["keep", "drop"])
+    b.add_argument("--file-size", default="5GB",
+                   help="max bytes per .distcp file (a larger layer gets its own file); files are the "
+                        "units --workers and ranks split (default 5GB)")
     b.add_argument("--force", action="store_true")
     b.add_argument("--no-progress", action="store_true")
     add_parallel_args(b)
@@ -83,7 +87,7 @@ def main(argv=None) -> int:
 
         r = from_hf(args.hf_dir, args.out_dir, dtype=args.dtype, mtp=args.mtp, force=args.force,
                     show_progress=not args.no_progress, workers=args.workers, rank=args.rank,
-                    world_size=args.world_size)
+                    world_size=args.world_size, file_size=parse_size(args.file_size, "--file-size"))
         print(r.summary)
     else:
         from megatron_ling.convert.verify import verify

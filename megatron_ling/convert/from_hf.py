@@ -57,6 +57,8 @@ def from_hf(hf_dir: str, out_dir: str, dtype: str = "auto", mtp: str = "keep", f
         raise LingConfigError(f"--dtype: must be auto, bf16 or fp32, got {dtype!r}")
     if mtp not in ("keep", "drop"):
         raise LingConfigError(f"--mtp: must be keep or drop, got {mtp!r}")
+    if file_size <= 0:
+        raise LingConfigError("--file-size: must be positive")
     rank, world_size = resolve_rank(rank, world_size)
     check_output(out_dir, force)
     cfg = LingConfig.from_hf_config(hf_dir)

@@ -99,8 +99,9 @@ def copy_hf_files(src: str, dst: str) -> list[str]:
 
 class ToHFJob(Job):
     """One unit per planned safetensors shard. A shard's tensors come from consecutive (unit, role)
-    slots; each slot's Megatron tensor is read once per shard (for expert roles only the experts in
-    the shard), converted and appended. Memory: one Megatron tensor (or its experts' box)."""
+    slots; each HF tensor is a view of the saved chunk that holds it (chunks are loaded once, in
+    order) - only QKV, whose rows are regrouped, is read whole. Memory: one saved chunk (at most one
+    Megatron tensor) plus the tensor being written."""
 
     def __init__(self, ckpt: str, cfg: LingConfig, keys: dict, plan: list, shard_size: int, dtype: str,
                  out_cfg: dict, hf_files: str | None):
@@ -135,27 +136,24 @@ class ToHFJob(Job):
         return groups
 
     def _tensors(self, reader, unit, role, wanted):
-        """The planned (name, tensor) pairs ``wanted`` of one slot, from one read of its tensor."""
+        """The planned (name, tensor) pairs ``wanted`` of one slot: each HF tensor a view of the saved
+        chunk holding it (``mapping.hf_box``); QKV from one read of the whole tensor."""
         key = self.keys[(unit, role)]
-        m = M.BY_ROLE[role]
-        base = 0
-        if m.transform in (M.EXPERTS, M.EXPERTS_GATE_UP):  # only the experts in this shard
-            per = len(m.hf)
-            e0, e1 = wanted[0][0] // per, wanted[-1][0] // per + 1
-            shape = reader.shape(key)
-            t = reader.read(key, (e0,) + (0,) * (len(shape) - 1), (e1 - e0,) + tuple(shape[1:]))
-            base = e0 * per
-        else:
-            t = reader.read(key)
-        outs = M.role_to_hf(self.cfg, role, t)
+        qkv = M.hf_box(self.cfg, role, 0) is None
+        outs = M.role_to_hf(self.cfg, role, reader.read(key)) if qkv else None
         quantized = {}
         for j, name in wanted:
-            w = outs[j - base]
+            if qkv:
+                w = outs[j]
+            else:
+                off, size, drop_expert_axis = M.hf_box(self.cfg, role, j)
+                w = reader.read_view(key, off, size)
+                w = w.squeeze(0) if drop_expert_axis else w
             weight = name[: -len("_scale_inv")] if name not in self.dtypes_of_weights else name
             dt = self.dtypes[weight]
             if dt == torch.float8_e4m3fn:
                 if j not in quantized:
-                    quantized[j] = fp8_quantize(w)
+                    quantized = {j: fp8_quantize(w)}  # only the current weight's pair is kept
                 yield name, quantized[j][0 if name == weight else 1]
             else:
                 yield name, w.to(dt)

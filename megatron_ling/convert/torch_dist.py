@@ -63,6 +63,11 @@ class _Sink:
         raise AssertionError("byte items are never requested")
 
 
+def _corrupt(key: str, e: Exception) -> LingConfigError:
+    return LingConfigError(f"checkpoint: cannot read tensor {key!r} ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}); a data file is corrupt")
+
+
 class TorchDistReader:
     def __init__(self, path: str):
         self.path = layout.resolve(path)
@@ -73,6 +78,8 @@ class TorchDistReader:
             raise LingConfigError(f"checkpoint: cannot read {self.path}/.metadata ({type(e).__name__}: {e}); "
                                   f"the checkpoint is incomplete or corrupt") from None
         self._reader.set_up_storage_reader(self.metadata, is_coordinator=True)
+        self._cached = (None, None)  # (storage index, tensor) of the chunk read_view loaded last
+        self._fds: dict[str, int] = {}  # .distcp file -> fd (pread; kept open for the reader's life)
         self.tensors = {k: v for k, v in self.metadata.state_dict_metadata.items()
                         if isinstance(v, TensorStorageMetadata)}
         self._check_files()
@@ -124,17 +131,69 @@ class TorchDistReader:
         except LingConfigError:
             raise
         except Exception as e:
-            raise LingConfigError(f"checkpoint: cannot read tensor {key!r} ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''}); a data file is corrupt") from None
+            raise _corrupt(key, e) from None
         return dest
 
 
+    def read_view(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
+        """The box ``offsets``/``sizes`` of ``key``: a view into the one saved chunk that contains it
+        (no assembly copy; the last chunk loaded is kept for the next box), else assembled by ``read``."""
+        md = self.tensors[key]
+        for c in md.chunks:
+            if all(co <= o and o + z <= co + cz for o, z, co, cz in zip(offsets, sizes, c.offsets, c.sizes)):
+                index = MetadataIndex(key, c.offsets)
+                if self.metadata.storage_data[index].transform_descriptors:
+                    break
+                if self._cached[0] != index:
+                    self._cached = (None, None)  # drop the old chunk before loading the next one
+                    try:
+                        self._cached = (index, self._load_chunk(index))
+                    except Exception as e:
+                        raise _corrupt(key, e) from None
+                t = self._cached[1]
+                for dim, (o, z, co) in enumerate(zip(offsets, sizes, c.offsets)):
+                    t = t.narrow(dim, o - co, z)
+                return t
+        return self.read(key, offsets, sizes)
+
     def _load_chunk(self, index) -> torch.Tensor:
+        """One saved record, torch.load-ed straight from the file: its storage bytes are read by
+        pread into the tensor (not first into a bytes object: that was a second full copy)."""
         info = self.metadata.storage_data[index]
-        with open(os.path.join(self.path, info.relative_path), "rb") as f:
-            f.seek(info.offset)
-            buf = io.BytesIO(f.read(info.length))
-        return torch.load(buf, map_location="cpu", weights_only=True)
+        if info.relative_path not in self._fds:
+            self._fds[info.relative_path] = os.open(os.path.join(self.path, info.relative_path), os.O_RDONLY)
+        window = _Window(self._fds[info.relative_path], info.offset, info.length)
+        return torch.load(io.BufferedReader(window, 1 << 16), map_location="cpu", weights_only=True)
+
+
+class _Window(io.RawIOBase):
+    """Bytes [offset, offset + length) of an open file as a seekable stream (one torch.save record
+    of a .distcp file), read with pread: torch.load reads the zip directory, then the storage
+    directly into the tensor through ``readinto``."""
+
+    def __init__(self, fd: int, offset: int, length: int):
+        self.fd, self.offset, self.length, self.pos = fd, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = pos if whence == 0 else self.pos + pos if whence == 1 else self.length + pos
+        return self.pos
+
+    def readinto(self, b) -> int:
+        k = min(len(b), self.length - self.pos)
+        if k <= 0:
+            return 0
+        got = os.preadv(self.fd, [memoryview(b).cast("B")[:k]], self.offset + self.pos)
+        self.pos += got
+        return got
 
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)}
