@@ -2,15 +2,19 @@
 
 Builds a synthetic HF checkpoint at Ling-mini-2.0 widths (hidden 2048, 256 experts of 512,
 vocab 157,184) with fewer layers (default: 1 dense + 1 MoE layer, ~3.0 GB bf16; --mtp 1 adds the MTP layer),
-then times, each in a fresh subprocess (peak RSS from wait4):
+then times, each in a fresh subprocess, --reps times in alternation (median reported):
 
-  from-hf   HF dir -> torch_dist checkpoint
-  to-hf     that torch_dist checkpoint -> HF dir (bf16)
-  copy      `shutil.copyfile` of the same files (the I/O ceiling on this disk)
+  copy      a durable copy of the step's input (copytree + fsync): the I/O ceiling, same run
+  from-hf   HF dir -> torch_dist checkpoint, with each --workers count
+  to-hf     that torch_dist checkpoint -> HF dir (bf16), with each --workers count
 
-Goals (issue 4): conversion >= 0.8x copy throughput; peak RSS <= 2x the largest layer.
+and prints throughput, the ratio to the copy and to 1 worker, peak RSS per worker, and a linear
+projection of Ling-1T conversion time from the per-worker rate.
 
-  python bench/convert.py [--work /tmp/ling_convert_bench] [--layers 2] [--mtp 1] [--keep]
+Goals (issues 4, 14): 1 worker >= 0.8x the copy; 2 workers >= 1.6x 1 worker where the copy is not
+the limit; peak RSS per worker <= 2x the largest layer.
+
+  python bench/convert.py [--work DIR] [--layers 2] [--mtp 1] [--workers 1,2] [--reps 3] [--keep]
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -29,7 +34,7 @@ import torch
 def build_hf(out: str, layers: int, mtp: int) -> tuple[int, int]:
     """Synthetic HF dir; returns (total bytes, bytes of the largest layer)."""
     from megatron_ling.convert import mapping as M
-    from megatron_ling.convert.hf_io import ShardedSafetensorsWriter, nbytes
+    from megatron_ling.convert.hf_io import nbytes, write_safetensors
     from megatron_ling.models.config import get_preset
 
     cfg = get_preset("ling-mini-2.0", num_hidden_layers=layers, num_nextn_predict_layers=mtp)
@@ -41,18 +46,18 @@ def build_hf(out: str, layers: int, mtp: int) -> tuple[int, int]:
                 plan.append((name, shape, dt))
                 per_unit[str(unit)] = per_unit.get(str(unit), 0) + nbytes(shape, dt)
     os.makedirs(out, exist_ok=True)
-    w = ShardedSafetensorsWriter(out, plan, 2 * 1024 ** 3)
     g = torch.Generator().manual_seed(0)
-    for name, shape, dt in plan:  # uniform: ~5x faster to draw than normal, same bytes
-        w.write(name, torch.empty(shape, dtype=dt).uniform_(-0.03, 0.03, generator=g))
-    w.close()
+    # uniform: ~5x faster to draw than normal, same bytes
+    total = write_safetensors(out, plan, 2 * 1024 ** 3, ((name, torch.empty(shape, dtype=dt).uniform_(
+        -0.03, 0.03, generator=g)) for name, shape, dt in plan))
     cfg.save_hf_config(os.path.join(out, "config.json"))
-    return w.total_bytes, max(per_unit.values())
+    return total, max(per_unit.values())
 
 
 def timed(cmd: list[str]) -> tuple[float, int, float]:
-    """Wall seconds, peak RSS (bytes) of a subprocess, and the conversion time it reports itself
-    (without Python/torch start-up), or the wall time when it reports none."""
+    """Conversion seconds the command reports itself (' in <s> s ', without Python/torch start-up;
+    the wall time when it reports none) and the peak RSS of one worker: the one the CLI reports
+    ('peak RSS per worker'), else the process's own (wait4)."""
     t = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     out = p.stdout.read()
@@ -61,7 +66,8 @@ def timed(cmd: list[str]) -> tuple[float, int, float]:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}")
     m = re.search(r" in ([0-9.]+) s ", out)
-    return dt, ru.ru_maxrss * 1024, float(m.group(1)) if m else dt
+    r = re.search(r"peak RSS per worker ([0-9.]+) GB", out)
+    return float(m.group(1)) if m else dt, int(float(r.group(1)) * 1e9) if r else ru.ru_maxrss * 1024
 
 
 def dir_bytes(d: str) -> int:
@@ -79,11 +85,26 @@ def copy_cmd(src: str, dst: str) -> list[str]:
     return [sys.executable, "-c", code]
 
 
+def ling_1t_bytes() -> int:
+    """bf16 bytes of Ling-1T (with its MTP layer), from the mapping table's shapes."""
+    import math
+
+    from megatron_ling.convert import mapping as M
+    from megatron_ling.models.config import get_preset
+
+    cfg = get_preset("ling-1t")
+    return sum(2 * math.prod(M.megatron_shape(cfg, r)) for u in M.units(cfg) for r in M.layer_roles(cfg, u))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="/tmp/ling_convert_bench")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--mtp", type=int, default=0)
+    ap.add_argument("--workers", default="1,2", help="worker counts to measure (comma separated)")
+    ap.add_argument("--reps", type=int, default=3, help="alternating repetitions (median reported)")
+    ap.add_argument("--unit-size", default="400MB",
+                    help="--shard-size / --file-size: the units workers split (default 400MB)")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--build-only", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -91,9 +112,10 @@ def main():
         sizes = build_hf(a.build_only, a.layers, a.mtp)
         json.dump(sizes, open(os.path.join(a.build_only, "bench_sizes.json"), "w"))
         return
+    counts = [int(x) for x in a.workers.split(",")]
     shutil.rmtree(a.work, ignore_errors=True)
     os.makedirs(a.work)
-    hf, ck, hf2 = (os.path.join(a.work, x) for x in ("hf", "ckpt", "hf_out"))
+    hf, ck = os.path.join(a.work, "hf"), os.path.join(a.work, "ckpt")
     # built in a child process: a forked child's ru_maxrss counts the parent's pages, so the
     # parent stays small for the RSS of the timed runs to be theirs alone
     t = time.perf_counter()
@@ -101,27 +123,54 @@ def main():
                    check=True)
     total, largest = json.load(open(os.path.join(hf, "bench_sizes.json")))
     print(f"synthetic HF checkpoint: {total / 1e9:.2f} GB, largest layer {largest / 1e9:.2f} GB "
-          f"(built in {time.perf_counter() - t:.0f} s)", flush=True)
+          f"(built in {time.perf_counter() - t:.0f} s); load average {os.getloadavg()[0]:.1f}", flush=True)
     py = [sys.executable, "-m", "megatron_ling.convert.cli"]
-    rows = []
-    # warm the page cache identically for every run: each reads files just written/read
-    _, rss_c1, dt_c1 = timed(copy_cmd(hf, os.path.join(a.work, "copy_hf")))
-    wall_f, rss_f, dt_f = timed(py + ["from-hf", hf, ck, "--no-progress"])
-    _, rss_c2, dt_c2 = timed(copy_cmd(ck, os.path.join(a.work, "copy_ckpt")))
-    wall_t, rss_t, dt_t = timed(py + ["to-hf", ck, hf2, "--dtype", "bf16", "--no-progress"])
-    b_hf, b_ck = dir_bytes(hf), dir_bytes(ck)
-    rows.append(("from-hf", b_hf, dt_f, wall_f, rss_f, b_hf / dt_c1))
-    rows.append(("to-hf", b_ck, dt_t, wall_t, rss_t, b_ck / dt_c2))
-    print("\n| step | bytes in | convert s (process wall s) | MB/s | durable copy MB/s (same bytes) | vs copy "
-          "| peak RSS | RSS / largest layer |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, b, dt, wall, rss, copy_bps in rows:
-        print(f"| {name} | {b / 1e9:.2f} GB | {dt:.1f} ({wall:.1f}) | {b / 1e6 / dt:.0f} | {copy_bps / 1e6:.0f} | "
-              f"{b / dt / copy_bps:.2f}x | {rss / 1e9:.2f} GB | {rss / largest:.2f}x |")
-    print(f"\n(copy runs: hf {dt_c1:.1f} s / {rss_c1 / 1e6:.0f} MB RSS, ckpt {dt_c2:.1f} s / {rss_c2 / 1e6:.0f} MB RSS; "
-          f"largest layer {largest / 1e9:.2f} GB; cores {os.cpu_count()}; load average {os.getloadavg()[0]:.1f})")
+    u = ["--no-progress"]
+    steps = {"from-hf": (hf, lambda src, dst, w: py + ["from-hf", src, dst, "--file-size", a.unit_size,
+                                                       "--workers", str(w)] + u),
+             "to-hf": (ck, lambda src, dst, w: py + ["to-hf", src, dst, "--dtype", "bf16", "--shard-size",
+                                                     a.unit_size, "--workers", str(w)] + u)}
+    subprocess.run(steps["from-hf"][1](hf, ck, 1), check=True, stdout=subprocess.DEVNULL)  # to-hf's input
+    times: dict = {}
+    for rep in range(a.reps):  # alternate copy and conversions so that load swings hit all alike
+        for step, (src, cmd) in steps.items():
+            for kind in ["copy"] + counts:
+                dst = os.path.join(a.work, "out")
+                shutil.rmtree(dst, ignore_errors=True)
+                c = copy_cmd(src, dst) if kind == "copy" else cmd(src, dst, kind)
+                dt, rss = timed(c)
+                times.setdefault((step, kind), []).append((dt, rss))
+                print(f"  rep {rep}: {step} {kind if kind == 'copy' else f'{kind} worker(s)'}: {dt:.1f} s, "
+                      f"RSS {rss / 1e9:.2f} GB (load {os.getloadavg()[0]:.1f})", flush=True)
+    shutil.rmtree(os.path.join(a.work, "out"), ignore_errors=True)
+    med = {k: statistics.median(d for d, _ in v) for k, v in times.items()}
+    size = {"from-hf": dir_bytes(hf), "to-hf": dir_bytes(ck)}
+    print(f"\n| step | workers | bytes in | convert s (median of {a.reps}) | MB/s | durable copy MB/s "
+          f"(same run) | vs copy | vs 1 worker | peak RSS per worker | RSS / largest layer |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    rates = {}
+    for step in steps:
+        copy_bps = size[step] / med[(step, "copy")]
+        for w in counts:
+            bps = size[step] / med[(step, w)]
+            rates[(step, w)] = bps
+            rss = max(r for _, r in times[(step, w)])
+            print(f"| {step} | {w} | {size[step] / 1e9:.2f} GB | {med[(step, w)]:.1f} | {bps / 1e6:.0f} | "
+                  f"{copy_bps / 1e6:.0f} | {bps / copy_bps:.2f}x | {bps / rates[(step, counts[0])]:.2f}x | "
+                  f"{rss / 1e9:.2f} GB | {rss / largest:.2f}x |")
+    b1t = ling_1t_bytes()
+    print(f"\nLing-1T projection ({b1t / 1e12:.2f} TB bf16): hours = bytes / (per-worker rate x workers), "
+          f"per-worker rate = the measured 1-worker MB/s above, scaled linearly in workers and nodes "
+          f"(assumes storage keeps up; measured 2-worker scaling on this machine is in the table)")
+    for step in steps:
+        r1 = rates[(step, counts[0])]
+        cells = ", ".join(f"{n} node(s) x {w} workers: {b1t / (r1 * n * w) / 3600:.2f} h"
+                          for n, w in ((1, 1), (1, 16), (8, 16)))
+        print(f"  {step}: {cells}")
+    print(f"(largest layer {largest / 1e9:.2f} GB; cores {os.cpu_count()}; load average now "
+          f"{os.getloadavg()[0]:.1f}; {time.strftime('%Y-%m-%d')})")
     with open(os.path.join(a.work, "result.json"), "w") as f:
-        json.dump({"rows": rows, "largest_layer": largest}, f)
+        json.dump({"times": {f"{k[0]}:{k[1]}": v for k, v in times.items()}, "largest_layer": largest}, f)
     if not a.keep:
         shutil.rmtree(a.work, ignore_errors=True)
 

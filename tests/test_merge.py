@@ -111,6 +111,32 @@ def test_merge_of_two_layouts_is_exactly_the_fp32_combination(two_layouts, tmp_p
     assert set(TorchDistReader(out).objects) == set(TorchDistReader(os.path.join(two_layouts, "iter_0000020")).objects)
 
 
+def test_merge_workers_write_the_same_tensors_with_a_checksum_manifest(two_layouts, tmp_path, capsys):
+    from megatron_ling.checkpoint import manifest
+
+    one, two = str(tmp_path / "w1"), str(tmp_path / "w2")
+    args = [two_layouts, "--last", "2", "--shape", "mean", "--no-progress", "--file-size", "20KB"]
+    assert merge_main(args + ["--out", one]) == 0
+    assert merge_main(args + ["--out", two, "--workers", "2"]) == 0
+    d1, d2 = os.path.join(one, "iter_0000020"), os.path.join(two, "iter_0000020")
+    assert len(glob.glob(os.path.join(d2, "*.distcp"))) >= 3  # several units: the workers shared them
+    a, b = _tensors(one), _tensors(two)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    for d in (d1, d2):  # written by write_metadata before the rename, and it verifies
+        assert sorted(manifest.read_manifest(d)) == manifest.checkpoint_files(d) and manifest.verify(d) is None
+    capsys.readouterr()
+    # --hf streams the merge in this process: more workers are refused in one line, nothing written
+    hf = str(tmp_path / "hf")
+    assert merge_main([two_layouts, "--last", "2", "--hf", "--workers", "2", "--out", hf, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: --workers:"), err
+    assert not os.path.exists(hf)
+    # an output that holds an input is refused even with --force
+    assert merge_main([two_layouts, "--last", "1", "--out", two_layouts, "--force", "--no-progress"]) == 2
+    assert "contains the input" in capsys.readouterr().err
+    assert os.path.isdir(os.path.join(two_layouts, "iter_0000010"))
+
+
 def test_expert_bias_last_and_merge_of_one_checkpoint_is_the_identity(two_layouts, tmp_path):
     out = str(tmp_path / "one")
     assert merge_main([two_layouts, "--last", "1", "--out", out, "--no-progress"]) == 0

@@ -1,8 +1,11 @@
 """ling-convert: Megatron torch_dist <-> Hugging Face BailingMoeV2, and a logits check.
 
   ling-convert to-hf   CKPT_DIR OUT_DIR [--dtype bf16|fp32|fp8] [--mtp keep|drop] [--shard-size 5GB]
-                       [--hf-files DIR] [--config config.json] [--force]
-  ling-convert from-hf HF_DIR OUT_DIR [--dtype auto|bf16|fp32] [--mtp keep|drop] [--force]
+                       [--hf-files DIR] [--config config.json] [--force] [--workers N]
+                       [--rank R --world-size W] [--no-verify-checksums]
+  ling-convert from-hf HF_DIR OUT_DIR [--dtype auto|bf16|fp32] [--mtp keep|drop] [--file-size 5GB] [--force]
+                       [--workers N]
+                       [--rank R --world-size W]
   ling-convert verify  CKPT_DIR HF_DIR [--seq-len 32] [--batch 2] [--tol X]
 """
 from __future__ import annotations
@@ -14,12 +17,22 @@ import sys
 from megatron_ling.errors import LingConfigError, cli_main
 
 
-def parse_size(s: str) -> int:
+def parse_size(s: str, field: str = "--shard-size") -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*", s, re.I)
     if not m:
-        raise LingConfigError(f"--shard-size: cannot parse {s!r}; use e.g. 5GB, 500MB or a byte count")
+        raise LingConfigError(f"{field}: cannot parse {s!r}; use e.g. 5GB, 500MB or a byte count")
     mult = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}[m.group(2).upper()]
     return int(float(m.group(1)) * mult)
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes on this node, each writing whole output files (default 1)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="this node's share of the files (default: $RANK, or the Slurm array task)")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="number of nodes sharing the output filesystem (default: $WORLD_SIZE, or the "
+                        "Slurm array size); the last one to finish writes the index and config")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,14 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--no-progress", action="store_true")
     a.add_argument("--no-verify-checksums", action="store_true",
                    help="skip checking the checkpoint's files against its checksums.json (faster, unsafe)")
+    add_parallel_args(a)
     b = sub.add_parser("from-hf", help="HF directory -> megatron-ling torch_dist checkpoint")
     b.add_argument("hf_dir")
     b.add_argument("out_dir")
     b.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                    help="auto: keep the HF dtype (FP8 weights are dequantized to bf16)")
     b.add_argument("--mtp", default="keep", choices=["keep", "drop"])
+    b.add_argument("--file-size", default="5GB",
+                   help="max bytes per .distcp file (a larger layer gets its own file); files are the "
+                        "units --workers and ranks split (default 5GB)")
     b.add_argument("--force", action="store_true")
     b.add_argument("--no-progress", action="store_true")
+    add_parallel_args(b)
     c = sub.add_parser("verify", help="max |delta logits| between a checkpoint and an HF directory")
     c.add_argument("ckpt_dir")
     c.add_argument("hf_dir")
@@ -64,14 +82,15 @@ def main(argv=None) -> int:
 
         r = to_hf(args.ckpt_dir, args.out_dir, dtype=args.dtype, mtp=args.mtp,
                   shard_size=parse_size(args.shard_size), hf_files=args.hf_files, config=args.config,
-                  force=args.force, show_progress=not args.no_progress,
-                  verify_checksums=not args.no_verify_checksums)
+                  force=args.force, show_progress=not args.no_progress, workers=args.workers, rank=args.rank,
+                  world_size=args.world_size, verify_checksums=not args.no_verify_checksums)
         print(r.summary)
     elif args.cmd == "from-hf":
         from megatron_ling.convert.from_hf import from_hf
 
         r = from_hf(args.hf_dir, args.out_dir, dtype=args.dtype, mtp=args.mtp, force=args.force,
-                    show_progress=not args.no_progress)
+                    show_progress=not args.no_progress, workers=args.workers, rank=args.rank,
+                    world_size=args.world_size, file_size=parse_size(args.file_size, "--file-size"))
         print(r.summary)
     else:
         from megatron_ling.convert.verify import verify

@@ -1,7 +1,8 @@
 """HF BailingMoeV2 directory -> megatron-ling torch_dist checkpoint (continued pretraining).
 
-Streaming: one layer's HF tensors are read (FP8 ones dequantized), rearranged to Megatron's
-layout and appended to the torch_dist data file; the metadata is written last. The result has the
+Streaming: one role's HF tensors are read (FP8 ones dequantized), rearranged to Megatron's
+layout and appended to that layer's planned torch_dist data file (files are independent units of
+``parallel_exec``: any worker or node writes any of them); the metadata is written last. The result has the
 keys, global shapes and chunking megatron-core writes itself, so ``dist_checkpointing.load``
 reshards it to whatever TP/PP/VPP/EP/ETP layout the trainer runs.
 
@@ -21,20 +22,24 @@ from dataclasses import dataclass
 import torch
 
 from megatron_ling.convert import mapping as M
-from megatron_ling.convert.common import Throughput, atomic_dir, check_output, progress
-from megatron_ling.convert.hf_io import HFReader, nbytes
 from megatron_ling.checkpoint import layout
-from megatron_ling.convert.torch_dist import TorchDistWriter
+from megatron_ling.convert.common import check_output
+from megatron_ling.convert.hf_io import HFReader, fp8_scale_shape, nbytes
+from megatron_ling.convert.parallel_exec import ExecResult, Job, Unit, execute, resolve_rank, summary as _summary
+from megatron_ling.convert.torch_dist import TorchDistWriter, write_metadata
 from megatron_ling.errors import LingConfigError
 from megatron_ling.models.config import LingConfig
 
 _TORCH = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 @dataclass
 class FromHFResult:
     out_dir: str
     num_tensors: int
     bytes_written: int
     summary: str
+    run: ExecResult  # units run/skipped, whether this rank finalized, peak RSS per worker
 
 
 def _expected_hf(cfg: LingConfig, mtp: bool) -> dict[str, tuple]:
@@ -43,11 +48,18 @@ def _expected_hf(cfg: LingConfig, mtp: bool) -> dict[str, tuple]:
 
 
 def from_hf(hf_dir: str, out_dir: str, dtype: str = "auto", mtp: str = "keep", force: bool = False,
-            show_progress: bool = True, file_size: int = 5 * 1024 ** 3) -> FromHFResult:
+            show_progress: bool = True, file_size: int = 5 * 1024 ** 3, workers: int = 1,
+            rank: int | None = None, world_size: int | None = None) -> FromHFResult:
+    """Convert; ``workers`` processes write disjoint ``.distcp`` files, ``rank``/``world_size``
+    (default: RANK/WORLD_SIZE or a Slurm array) split them between nodes; the last one to finish
+    writes ``.metadata``, ``common.pt`` and the tracker, then renames the output into place."""
     if dtype not in ("auto", "bf16", "fp32"):
         raise LingConfigError(f"--dtype: must be auto, bf16 or fp32, got {dtype!r}")
     if mtp not in ("keep", "drop"):
         raise LingConfigError(f"--mtp: must be keep or drop, got {mtp!r}")
+    if file_size <= 0:
+        raise LingConfigError("--file-size: must be positive")
+    rank, world_size = resolve_rank(rank, world_size)
     check_output(out_dir, force, inputs=(hf_dir,))
     cfg = LingConfig.from_hf_config(hf_dir)
     quant = cfg.extra.pop("quantization_config", None)
@@ -73,9 +85,14 @@ def from_hf(hf_dir: str, out_dir: str, dtype: str = "auto", mtp: str = "keep", f
     scales = {n for n in reader.meta if n.endswith("_scale_inv")}
     for n in sorted(reader.meta):
         if n in scales:
-            if n[: -len("_scale_inv")] not in expected:
+            w = n[: -len("_scale_inv")]
+            if w not in expected:
                 raise LingConfigError(f"hf: unknown tensor {n!r}; it does not belong to a Ling 2.0 model with "
                                       f"this config.json")
+            if tuple(reader.meta[n][1]) != fp8_scale_shape(expected[w]):
+                raise LingConfigError(f"hf: FP8 scale {n} has shape {reader.meta[n][1]} but 128x128 blocks of "
+                                      f"{list(expected[w])} need {list(fp8_scale_shape(expected[w]))}; the FP8 "
+                                      f"checkpoint is corrupt")
             continue
         if n not in expected:
             if not keep_mtp and M.is_mtp_hf_name(cfg, n):
@@ -91,38 +108,79 @@ def from_hf(hf_dir: str, out_dir: str, dtype: str = "auto", mtp: str = "keep", f
         raise LingConfigError(f"hf: tensor {missing[0]} is missing (and {len(missing) - 1} more) although "
                               f"config.json needs it; the download is incomplete or config.json is wrong")
 
-    total = sum(nbytes(reader.meta[n][1], reader.meta[n][2]) for n in expected)
-    tp = Throughput()
-    with atomic_dir(out_dir, force) as tmp:
-        d = layout.iteration_dir(tmp, 0)
-        writer = TorchDistWriter(d, file_size=file_size)
-        bar = progress(total, "from-hf", show_progress)
-        count = 0
+    want = {}
+    for unit in M.units(cfg, mtp=keep_mtp):
+        for role in M.layer_roles(cfg, unit):
+            src = reader.meta[M.hf_names(cfg, unit, role)[0][0]][2]
+            want[(unit, role)] = (torch.float32 if role == "expert_bias" else _TORCH.get(dtype) or
+                                  (torch.bfloat16 if src == torch.float8_e4m3fn else src))
+    job = FromHFJob(hf_dir, cfg, keep_mtp, want, file_size,
+                    {n: nbytes(reader.meta[n][1], reader.meta[n][2]) for n in expected})
+    reader.close()
+    r = execute(job, out_dir, workers, rank, world_size, force, show_progress, "from-hf")
+    read = sum(job.units[i].cost for i in r.ran)
+    written = sum(rec["bytes"] for rec in r.records) if r.finalized else 0
+    return FromHFResult(os.path.abspath(out_dir), len(want), written,
+                        _summary(f"from-hf {hf_dir} -> {out_dir}", r, read, written, len(job.units)), r)
+
+
+class FromHFJob(Job):
+    """One unit per planned ``.distcp`` file: consecutive conversion units (embeddings, layers,
+    final) packed up to ``file_size`` bytes (a larger layer gets its own file). A worker reads the
+    unit's HF tensors one role at a time, writes them as Megatron chunks and returns the file's
+    metadata record; ``finalize`` pickles ``.metadata`` from all records and writes the tracker."""
+
+    def __init__(self, hf_dir: str, cfg: LingConfig, keep_mtp: bool, want: dict, file_size: int,
+                 hf_bytes: dict[str, int]):
+        self.hf_dir, self.cfg, self.keep_mtp, self.want, self.file_size = hf_dir, cfg, keep_mtp, want, file_size
+        self.inputs = (hf_dir,)
+        groups, size = [[]], 0
         for unit in M.units(cfg, mtp=keep_mtp):
+            b = sum(hf_bytes[n] for role in M.layer_roles(cfg, unit) for n, _ in M.hf_names(cfg, unit, role))
+            if groups[-1] and size + b > file_size:
+                groups.append([])
+                size = 0
+            groups[-1].append(unit)
+            size += b
+        self.groups = groups
+        self.units = [Unit(f"__0_{k}.distcp", sum(hf_bytes[n] for u in g for role in M.layer_roles(cfg, u)
+                                                  for n, _ in M.hf_names(cfg, u, role)))
+                      for k, g in enumerate(groups)]
+        self._reader = None
+
+    def __getstate__(self):  # workers open their own reader
+        return {**self.__dict__, "_reader": None}
+
+    def describe(self) -> dict:
+        return {"job": "from-hf", "hf": os.path.abspath(self.hf_dir), "config": self.cfg.to_hf_dict(),
+                "mtp": self.keep_mtp, "dtypes": sorted((str(k), str(v)) for k, v in self.want.items()),
+                "files": [[str(u) for u in g] for g in self.groups]}
+
+    def run_unit(self, i: int, out_dir: str, report) -> dict:
+        if self._reader is None:
+            self._reader = HFReader(self.hf_dir)
+        reader, cfg = self._reader, self.cfg
+        d = layout.iteration_dir(out_dir, 0)
+        writer = TorchDistWriter(d, self.units[i].name)
+        for unit in self.groups[i]:
             for role in M.layer_roles(cfg, unit):
+                out_dtype = self.want[(unit, role)]
                 ts = []
                 for name, _ in M.hf_names(cfg, unit, role):
-                    src_dtype = reader.meta[name][2]
-                    want = (torch.float32 if role == "expert_bias" else
-                            _TORCH.get(dtype) or (torch.bfloat16 if src_dtype == torch.float8_e4m3fn else None))
-                    t = reader.get_weight(name, want)
-                    b = nbytes(reader.meta[name][1], src_dtype)
-                    tp.read += b
-                    bar.update(b)
+                    t = reader.get_weight(name, out_dtype)
+                    report(nbytes(reader.meta[name][1], reader.meta[name][2]))
                     ts.append(t)
-                out_dtype = torch.float32 if role == "expert_bias" else ts[0].dtype
                 writer.add_chunks(M.megatron_key(unit, role), M.megatron_shape(cfg, role), out_dtype,
                                   M.role_chunks_from_hf(cfg, role, ts))
                 del ts
-                count += 1
                 for k in M.extra_state_keys(cfg, unit, role):
                     writer.add_object(k, None)
-        bar.close()
-        reader.close()
-        common = {"ling_config": cfg.to_hf_dict(), "iteration": 0, "model_only": True,
-                  "converted_from": os.path.abspath(hf_dir)}
-        writer.close(common)
-        tp.written = writer.bytes_written
-        layout.write_tracker(tmp, 0)
-    return FromHFResult(os.path.abspath(out_dir), count, tp.written,
-                        tp.summary(f"from-hf {hf_dir} -> {out_dir}"))
+        rec = writer.close()
+        rec["files"] = [os.path.relpath(os.path.join(d, rec["rel"]), out_dir)]
+        return rec
+
+    def finalize(self, out_dir: str, records: list[dict]) -> None:
+        common = {"ling_config": self.cfg.to_hf_dict(), "iteration": 0, "model_only": True,
+                  "converted_from": os.path.abspath(self.hf_dir)}
+        write_metadata(layout.iteration_dir(out_dir, 0), records, common)
+        layout.write_tracker(out_dir, 0)

@@ -68,11 +68,11 @@ def fp8_eligible(name: str, shape) -> bool:
 
 
 # -------------------------------------------------------------------------------- writer
-class ShardedSafetensorsWriter:
-    """Writes a planned list of (name, shape, dtype) into sharded safetensors files, streaming."""
+class ShardPlan:
+    """The planned shards of a list of (name, shape, dtype): files, each tensor's shard, headers.
+    Deterministic in the plan and the shard size, so any process (or node) writes any shard."""
 
-    def __init__(self, out_dir: str, plan: list[tuple[str, tuple, torch.dtype]], shard_size: int):
-        self.out_dir = out_dir
+    def __init__(self, plan: list[tuple[str, tuple, torch.dtype]], shard_size: int):
         shards: list[list] = [[]]
         size = 0
         for name, shape, dtype in plan:
@@ -87,42 +87,45 @@ class ShardedSafetensorsWriter:
             [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.shards = shards
         self.where = {name: i for i, s in enumerate(shards) for name, _, _ in s}
-        self.expected = {name: (shape, dtype) for name, shape, dtype in plan}
         self.total_bytes = sum(nbytes(s, d) for _, s, d in plan)
-        self._cur = -1
-        self._pos = 0
-        self._f = None
 
-    def _open(self, i: int):
-        if self._f is not None:
-            self._finish()
+    def shard_bytes(self, i: int) -> int:
+        return sum(nbytes(s, d) for _, s, d in self.shards[i])
+
+    def open_shard(self, out_dir: str, i: int) -> "ShardFile":
+        return ShardFile(os.path.join(out_dir, self.files[i]), self.shards[i])
+
+    def write_index(self, out_dir: str) -> None:
+        """``model.safetensors.index.json`` (when there is more than one shard)."""
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": self.total_bytes},
+                     "weight_map": {name: self.files[i] for name, i in sorted(self.where.items())}}
+            with open(os.path.join(out_dir, INDEX), "w") as f:
+                json.dump(index, f, indent=2)
+                f.write("\n")
+
+
+class ShardFile:
+    """One safetensors file whose header is known up front; tensors are appended in header order
+    and their bytes written straight from the tensor's memory (no intermediate copy)."""
+
+    def __init__(self, path: str, entries: list[tuple[str, tuple, torch.dtype]]):
+        self.path, self.entries = path, entries
         header, off = {}, 0
-        for name, shape, dtype in self.shards[i]:
+        for name, shape, dtype in entries:
             b = nbytes(shape, dtype)
             header[name] = {"dtype": _ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [off, off + b]}
             off += b
         header["__metadata__"] = {"format": "pt"}
         h = json.dumps(header, separators=(",", ":")).encode()
         h += b" " * (-len(h) % 8)
-        self._f = open(os.path.join(self.out_dir, self.files[i]), "wb")
+        self._f = open(path, "wb")
         self._f.write(struct.pack("<Q", len(h)))
         self._f.write(h)
-        self._cur, self._pos = i, 0
-
-    def _finish(self):
-        if self._pos != len(self.shards[self._cur]):
-            raise AssertionError(f"shard {self.files[self._cur]} incomplete")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        self._f = None
+        self._pos = 0
 
     def write(self, name: str, t: torch.Tensor) -> None:
-        shape, dtype = self.expected[name]
-        i = self.where[name]
-        if i != self._cur:
-            self._open(i)
-        exp_name = self.shards[i][self._pos][0]
+        exp_name, shape, dtype = self.entries[self._pos]
         if name != exp_name or tuple(t.shape) != shape or t.dtype != dtype:
             raise AssertionError(f"write order/shape mismatch: got {name} {tuple(t.shape)} {t.dtype}, "
                                  f"planned {exp_name} {shape} {dtype}")
@@ -130,14 +133,26 @@ class ShardedSafetensorsWriter:
         self._pos += 1
 
     def close(self) -> None:
-        if self._f is not None:
-            self._finish()
-        if len(self.files) > 1:
-            index = {"metadata": {"total_size": self.total_bytes},
-                     "weight_map": {name: self.files[i] for name, i in sorted(self.where.items())}}
-            with open(os.path.join(self.out_dir, INDEX), "w") as f:
-                json.dump(index, f, indent=2)
-                f.write("\n")
+        """Check completeness, flush and fsync (a unit is done only once its bytes are durable)."""
+        if self._pos != len(self.entries):
+            raise AssertionError(f"shard {self.path} incomplete")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+
+def write_safetensors(out_dir: str, plan: list[tuple[str, tuple, torch.dtype]], shard_size: int, tensors) -> int:
+    """Write ``tensors`` (an iterable of (name, tensor) in plan order) as planned shards + index, in
+    one process; returns the bytes written. (The converters write shards from workers instead.)"""
+    sp = ShardPlan(plan, shard_size)
+    it = iter(tensors)
+    for i in range(len(sp.files)):
+        f = sp.open_shard(out_dir, i)
+        for _ in sp.shards[i]:
+            f.write(*next(it))
+        f.close()
+    sp.write_index(out_dir)
+    return sp.total_bytes
 
 
 # -------------------------------------------------------------------------------- reader

@@ -277,6 +277,25 @@ def role_to_hf(cfg: LingConfig, role: str, t: torch.Tensor) -> list[torch.Tensor
     return [t]
 
 
+def hf_box(cfg: LingConfig, role: str, j: int):
+    """Where HF tensor ``j`` of ``role`` (``hf_names`` order) lies in the global Megatron tensor:
+    (offsets, sizes, drop the expert axis?) - or None for QKV, whose rows are regrouped. Lets to-hf
+    take each HF tensor as a view of one saved chunk instead of assembling the Megatron tensor."""
+    kind, shape = BY_ROLE[role].transform, megatron_shape(cfg, role)
+    zeros = (0,) * len(shape)
+    if kind == COPY:
+        return zeros, shape, False
+    if kind == GATE_UP:
+        half = shape[0] // 2
+        return (j * half,) + zeros[1:], (half,) + shape[1:], False
+    if kind == EXPERTS:
+        return (j,) + zeros[1:], (1,) + shape[1:], True
+    if kind == EXPERTS_GATE_UP:
+        half = shape[1] // 2
+        return (j // 2, (j % 2) * half) + zeros[2:], (1, half) + shape[2:], True
+    return None
+
+
 def role_chunks_from_hf(cfg: LingConfig, role: str, ts: list[torch.Tensor]):
     """``role_from_hf`` as (offsets, tensor) chunks of the global Megatron tensor, without
     concatenating: [gate; up] halves become two chunks (as megatron itself saves SwiGLU fc1), each

@@ -16,14 +16,9 @@ import torch
 
 from megatron_ling.config_utils import read_json
 from megatron_ling.convert import mapping as M
-from megatron_ling.convert.common import DTYPES, Throughput, atomic_dir, check_output, progress
-from megatron_ling.convert.hf_io import (
-    FP8_QUANT_CONFIG,
-    ShardedSafetensorsWriter,
-    fp8_eligible,
-    fp8_quantize,
-    fp8_scale_shape,
-)
+from megatron_ling.convert.common import DTYPES, check_output
+from megatron_ling.convert.hf_io import FP8_QUANT_CONFIG, ShardPlan, fp8_eligible, fp8_quantize, fp8_scale_shape
+from megatron_ling.convert.parallel_exec import ExecResult, Job, Unit, execute, resolve_rank, summary as _summary
 from megatron_ling.convert.torch_dist import TorchDistReader
 from megatron_ling.errors import LingConfigError
 from megatron_ling.models.config import LingConfig
@@ -41,6 +36,7 @@ class ToHFResult:
     bytes_written: int
     seconds: float
     summary: str
+    run: ExecResult  # units run/skipped, whether this rank finalized, peak RSS per worker
 
 
 def index_checkpoint(reader: TorchDistReader, cfg: LingConfig) -> dict:
@@ -102,23 +98,137 @@ def copy_hf_files(src: str, dst: str) -> list[str]:
     return copied
 
 
+class ToHFJob(Job):
+    """One unit per planned safetensors shard. A shard's tensors come from consecutive (unit, role)
+    slots; each HF tensor is a view of the saved chunk that holds it (chunks are loaded once, in
+    order) - only QKV, whose rows are regrouped, is read whole. Memory: one saved chunk (at most one
+    Megatron tensor) plus the tensor being written.
+
+    ``reader`` is the parent's ``TorchDistReader`` (workers open their own on its path; the parent
+    already checked the files against the manifest when ``verify_checksums``) or an in-process
+    object with its read interface (``ling-merge --hf``: run with one worker, never pickled)."""
+
+    def __init__(self, reader, cfg: LingConfig, keys: dict, plan: list, shard_size: int, dtype: str,
+                 out_cfg: dict, hf_files: str | None):
+        self.ckpt = reader.path if isinstance(reader, TorchDistReader) else None
+        self.inputs = (self.ckpt,) if self.ckpt else tuple(getattr(reader, "inputs", ()))
+        self.cfg, self.keys, self.plan, self.dtype = cfg, keys, plan, dtype
+        self.shard_size, self.out_cfg, self.hf_files = shard_size, out_cfg, hf_files
+        self.shards = ShardPlan(plan, shard_size)
+        self.units = [Unit(f, self.shards.shard_bytes(i)) for i, f in enumerate(self.shards.files)]
+        self.dtypes = {n: d for n, _, d in plan}
+        self.dtypes_of_weights = {n for unit, role in keys for n, _ in M.hf_names(cfg, unit, role)}
+        self._reader = reader
+
+    def __getstate__(self):  # workers open their own reader
+        if self.ckpt is None:
+            raise TypeError("an in-process reader cannot be sent to a worker (to_hf refuses workers > 1)")
+        return {**self.__dict__, "_reader": None}
+
+    def describe(self) -> dict:
+        return {"job": "to-hf", "ckpt": self.ckpt or str(self._reader.path), "plan": [(n, list(s), str(d)) for n, s, d in self.plan],
+                "shard_size": self.shard_size, "config": self.out_cfg, "hf_files": self.hf_files}
+
+    def _slots(self, i: int):
+        """Shard i as (unit, role, [(j, name)]) groups in write order; j indexes hf_names(unit, role),
+        ``name`` is that weight or its FP8 ``_scale_inv``."""
+        src = {}
+        for unit, role in self.keys:
+            for j, (name, _) in enumerate(M.hf_names(self.cfg, unit, role)):
+                src[name] = src[name + "_scale_inv"] = (unit, role, j)
+        groups = []
+        for name, _, _ in self.shards.shards[i]:
+            unit, role, j = src[name]
+            if not groups or groups[-1][:2] != (unit, role):
+                groups.append((unit, role, []))
+            groups[-1][2].append((j, name))
+        return groups
+
+    def _tensors(self, reader, unit, role, wanted):
+        """The planned (name, tensor) pairs ``wanted`` of one slot: each HF tensor a view of the saved
+        chunk holding it (``mapping.hf_box``); QKV from one read of the whole tensor."""
+        key = self.keys[(unit, role)]
+        qkv = M.hf_box(self.cfg, role, 0) is None
+        outs = M.role_to_hf(self.cfg, role, reader.read(key)) if qkv else None
+        quantized = {}
+        for j, name in wanted:
+            if qkv:
+                w = outs[j]
+            else:
+                off, size, drop_expert_axis = M.hf_box(self.cfg, role, j)
+                w = reader.read_view(key, off, size)
+                w = w.squeeze(0) if drop_expert_axis else w
+            weight = name[: -len("_scale_inv")] if name not in self.dtypes_of_weights else name
+            dt = self.dtypes[weight]
+            if dt == torch.float8_e4m3fn:
+                if j not in quantized:
+                    quantized = {j: fp8_quantize(w)}  # only the current weight's pair is kept
+                yield name, quantized[j][0 if name == weight else 1]
+            else:
+                yield name, w.to(dt)
+
+    def run_unit(self, i: int, out_dir: str, report) -> dict:
+        if self._reader is None:  # a worker: the parent verified the checksums before it started
+            self._reader = TorchDistReader(self.ckpt, verify_checksums=False)
+        f = self.shards.open_shard(out_dir, i)
+        for unit, role, wanted in self._slots(i):
+            for name, x in self._tensors(self._reader, unit, role, wanted):
+                f.write(name, x)
+                report(x.numel() * x.element_size())
+        f.close()
+        return {"files": [self.shards.files[i]]}
+
+    def finalize(self, out_dir: str, records: list[dict]) -> None:
+        self.shards.write_index(out_dir)
+        if self.hf_files:
+            copy_hf_files(self.hf_files, out_dir)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(self.out_cfg, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+def hf_config(out_cfg: LingConfig, dtype: str, hf_files: str | None) -> dict:
+    """The exported config.json: torch_dtype, FP8 quantization_config, the hub's auto_map."""
+    hf_cfg = out_cfg.to_hf_dict()
+    hf_cfg["torch_dtype"] = DTYPES[dtype]
+    hf_cfg.pop("quantization_config", None)
+    if dtype == "fp8":
+        hf_cfg["quantization_config"] = dict(FP8_QUANT_CONFIG)
+    if hf_files:
+        src_cfg = os.path.join(hf_files, "config.json")
+        if os.path.exists(src_cfg):  # remote-code registration lives in the hub config
+            hub = read_json(src_cfg, "--hf-files")
+            auto_map = hub.get("auto_map") if isinstance(hub, dict) else None
+            if auto_map and "auto_map" not in hf_cfg:
+                hf_cfg["auto_map"] = auto_map
+    return hf_cfg
+
+
 def to_hf(ckpt_dir: str, out_dir: str, dtype: str = "bf16", mtp: str = "keep", shard_size: int = 5 * 1024 ** 3,
           hf_files: str | None = None, config: str | None = None, force: bool = False,
-          show_progress: bool = True, verify_checksums: bool = True) -> ToHFResult:
+          show_progress: bool = True, workers: int = 1, rank: int | None = None,
+          world_size: int | None = None, verify_checksums: bool = True) -> ToHFResult:
     """Convert; returns what was written. Raises LingConfigError (one line) on bad input, before
-    anything is written (the output appears only when complete). ``ckpt_dir`` may also be an
-    object with TorchDistReader's read interface (``ling-merge --hf`` streams a merge through it)."""
+    anything is written (the output appears only when complete). ``workers`` processes write
+    disjoint shards; ``rank``/``world_size`` (default: RANK/WORLD_SIZE or a Slurm array) split the
+    shards between nodes sharing the output filesystem; the last one to finish writes the index.
+    ``ckpt_dir`` may also be an object with TorchDistReader's read interface (``ling-merge --hf``
+    streams a merge through it), converted in this process only."""
     if dtype not in ("bf16", "fp32", "fp8"):
         raise LingConfigError(f"--dtype: must be bf16, fp32 or fp8, got {dtype!r}")
     if mtp not in ("keep", "drop"):
         raise LingConfigError(f"--mtp: must be keep or drop, got {mtp!r}")
     if shard_size <= 0:
         raise LingConfigError("--shard-size: must be positive")
-    check_output(out_dir, force, inputs=(ckpt_dir,) if isinstance(ckpt_dir, str) else ())
+    in_process = not isinstance(ckpt_dir, str)
+    if in_process and (workers != 1 or world_size not in (None, 1)):
+        raise LingConfigError("--workers: a merge streamed to HF runs in one process; pass --workers 1, or merge "
+                              "to torch_dist and convert that with ling-convert to-hf --workers N")
+    rank, world_size = (0, 1) if in_process else resolve_rank(rank, world_size)
+    check_output(out_dir, force, inputs=tuple(getattr(ckpt_dir, "inputs", ())) if in_process else (ckpt_dir,))
     if hf_files is not None and not os.path.isdir(hf_files):
         raise LingConfigError(f"--hf-files: {hf_files} is not a directory")
-    reader = (TorchDistReader(ckpt_dir, verify_checksums=verify_checksums) if isinstance(ckpt_dir, str)
-              else ckpt_dir)
+    reader = ckpt_dir if in_process else TorchDistReader(ckpt_dir, verify_checksums=verify_checksums)
     cfg = load_config(reader, config)
     keys = index_checkpoint(reader, cfg)
     keep_mtp = mtp == "keep" and cfg.num_nextn_predict_layers > 0
@@ -126,11 +236,11 @@ def to_hf(ckpt_dir: str, out_dir: str, dtype: str = "bf16", mtp: str = "keep", s
 
     # plan every output tensor (names, shapes, dtypes) before reading any weight
     wdtype = torch.bfloat16 if dtype == "fp8" else _TORCH[dtype]
-    plan, work = [], []
+    plan = []
+    slots = {}
     for unit in M.units(cfg, mtp=keep_mtp):
-        roles = M.layer_roles(cfg, unit)
-        items = []
-        for role in roles:
+        for role in M.layer_roles(cfg, unit):
+            slots[(unit, role)] = keys[(unit, role)]
             for name, shape in M.hf_names(cfg, unit, role):
                 if role == "expert_bias":
                     plan.append((name, shape, torch.float32))  # FACTS §2: always fp32
@@ -139,48 +249,10 @@ def to_hf(ckpt_dir: str, out_dir: str, dtype: str = "bf16", mtp: str = "keep", s
                     plan.append((name + "_scale_inv", fp8_scale_shape(shape), torch.float32))
                 else:
                     plan.append((name, shape, wdtype))
-            items.append(role)
-        work.append((unit, items))
+    job = ToHFJob(reader, cfg, slots, plan, shard_size, dtype, hf_config(out_cfg, dtype, hf_files), hf_files)
+    r = execute(job, out_dir, workers, rank, world_size, force, show_progress, "to-hf")
+    written = sum(job.units[i].cost for i in r.ran)
+    read = sum(reader.tensors[k].size.numel() * reader.dtype(k).itemsize for k in slots.values())
+    s = _summary(f"to-hf {reader.path} -> {out_dir}", r, read if r.ran else 0, written, len(job.units))
+    return ToHFResult(os.path.abspath(out_dir), len(plan), written, r.seconds, s, r)
 
-    tp = Throughput()
-    with atomic_dir(out_dir, force) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, plan, shard_size)
-        planned = {n: d for n, _, d in plan}
-        bar = progress(writer.total_bytes, "to-hf", show_progress)
-        for unit, roles in work:
-            for role in roles:
-                key = keys[(unit, role)]
-                t = reader.read(key)
-                tp.read += t.numel() * t.element_size()
-                for (name, _), w in zip(M.hf_names(cfg, unit, role), M.role_to_hf(cfg, role, t)):
-                    if planned[name] == torch.float8_e4m3fn:
-                        q, s = fp8_quantize(w)
-                        parts = [(name, q), (name + "_scale_inv", s)]
-                    else:
-                        parts = [(name, w.to(planned[name]))]
-                    for n, x in parts:
-                        writer.write(n, x)
-                        b = x.numel() * x.element_size()
-                        tp.written += b
-                        bar.update(b)
-                del t
-        writer.close()
-        bar.close()
-        hf_cfg = out_cfg.to_hf_dict()
-        hf_cfg["torch_dtype"] = DTYPES[dtype]
-        hf_cfg.pop("quantization_config", None)
-        if dtype == "fp8":
-            hf_cfg["quantization_config"] = dict(FP8_QUANT_CONFIG)
-        if hf_files:
-            copy_hf_files(hf_files, tmp)
-            src_cfg = os.path.join(hf_files, "config.json")
-            if os.path.exists(src_cfg):  # remote-code registration lives in the hub config
-                hub = read_json(src_cfg, "--hf-files")
-                auto_map = hub.get("auto_map") if isinstance(hub, dict) else None
-                if auto_map and "auto_map" not in hf_cfg:
-                    hf_cfg["auto_map"] = auto_map
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_cfg, f, indent=2, sort_keys=True)
-            f.write("\n")
-    s = tp.summary(f"to-hf {reader.path} -> {out_dir}")
-    return ToHFResult(os.path.abspath(out_dir), len(plan), tp.written, tp.elapsed(), s)

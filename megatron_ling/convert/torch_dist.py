@@ -11,8 +11,9 @@ stores ``ling_config`` there; ``common.pt`` up to megatron-core 0.16, a ``common
 wrote (TP/ETP row or column shards, EP expert shards, any PP/VPP stage), using torch's own
 resharding planner and ``FileSystemReader.read_data``; only that tensor's bytes are read.
 
-``TorchDistWriter`` streams tensors into ``.distcp`` files (torch.save per chunk, exactly what
-``FileSystemWriter`` writes) and pickles the matching ``Metadata`` at the end, so megatron's
+``TorchDistWriter`` streams tensors into one ``.distcp`` file (torch.save per chunk, exactly what
+``FileSystemWriter`` writes); ``write_metadata`` pickles the matching ``Metadata`` of all files at
+the end, then the checksum manifest (``checkpoint.manifest``), so megatron's
 ``dist_checkpointing.load`` reshards it to any layout like a checkpoint it wrote itself.
 """
 from __future__ import annotations
@@ -46,15 +47,16 @@ MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version":
 
 
 class _Sink:
-    """The two LoadPlanner methods FileSystemReader.read_data calls: copy into one dest tensor."""
+    """The two LoadPlanner methods FileSystemReader.read_data calls: copy into one dest tensor
+    (the read items' ``dest_offsets`` are relative to the requested box already)."""
 
-    def __init__(self, dest: torch.Tensor, base: tuple[int, ...]):
-        self.dest, self.base = dest, base
+    def __init__(self, dest: torch.Tensor):
+        self.dest = dest
 
     def resolve_tensor(self, req):
         t = self.dest
         for dim, (off, ln) in enumerate(zip(req.dest_offsets, req.lengths)):
-            t = t.narrow(dim, off - self.base[dim], ln)
+            t = t.narrow(dim, off, ln)
         return t
 
     def commit_tensor(self, req, tensor):
@@ -62,6 +64,11 @@ class _Sink:
 
     def load_bytes(self, req, value):  # pragma: no cover - tensors only
         raise AssertionError("byte items are never requested")
+
+
+def _corrupt(key: str, e: Exception) -> LingConfigError:
+    return LingConfigError(f"checkpoint: cannot read tensor {key!r} ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}); a data file is corrupt")
 
 
 class TorchDistReader:
@@ -72,6 +79,8 @@ class TorchDistReader:
         self._reader = FileSystemReader(self.path)
         self.metadata: Metadata = read_metadata(self.path)  # allow-list unpickler, never pickle.load
         self._reader.set_up_storage_reader(self.metadata, is_coordinator=True)
+        self._cached = (None, None)  # (storage index, tensor) of the chunk read_view loaded last
+        self._fds: dict[str, int] = {}  # .distcp file -> fd (pread; kept open for the reader's life)
         self.tensors = {k: v for k, v in self.metadata.state_dict_metadata.items()
                         if isinstance(v, TensorStorageMetadata)}
         # ShardedObjects (e.g. ``_extra_state``): pickled bytes, copied verbatim, never unpickled here
@@ -122,12 +131,11 @@ class TorchDistReader:
                 t = self._load_chunk(items[0].storage_index)  # the common case: no copy
                 if tuple(t.shape) == sizes and (dtype is None or t.dtype == dtype):
                     return t
-            self._reader.read_data(LoadPlan(items), _Sink(dest, offsets)).wait()
+            self._reader.read_data(LoadPlan(items), _Sink(dest)).wait()
         except LingConfigError:
             raise
         except Exception as e:
-            raise LingConfigError(f"checkpoint: cannot read tensor {key!r} ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''}); a data file is corrupt") from None
+            raise _corrupt(key, e) from None
         return dest
 
 
@@ -138,46 +146,88 @@ class TorchDistReader:
             f.seek(info.offset)
             return f.read(info.length)
 
+    def read_view(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
+        """The box ``offsets``/``sizes`` of ``key``: a view into the one saved chunk that contains it
+        (no assembly copy; the last chunk loaded is kept for the next box), else assembled by ``read``."""
+        md = self.tensors[key]
+        for c in md.chunks:
+            if all(co <= o and o + z <= co + cz for o, z, co, cz in zip(offsets, sizes, c.offsets, c.sizes)):
+                index = MetadataIndex(key, c.offsets)
+                if self.metadata.storage_data[index].transform_descriptors:
+                    break
+                if self._cached[0] != index:
+                    self._cached = (None, None)  # drop the old chunk before loading the next one
+                    try:
+                        self._cached = (index, self._load_chunk(index))
+                    except Exception as e:
+                        raise _corrupt(key, e) from None
+                t = self._cached[1]
+                for dim, (o, z, co) in enumerate(zip(offsets, sizes, c.offsets)):
+                    t = t.narrow(dim, o - co, z)
+                return t
+        return self.read(key, offsets, sizes)
+
     def _load_chunk(self, index) -> torch.Tensor:
+        """One saved record, torch.load-ed straight from the file: its storage bytes are read by
+        pread into the tensor (not first into a bytes object: that was a second full copy)."""
         info = self.metadata.storage_data[index]
-        with open(os.path.join(self.path, info.relative_path), "rb") as f:
-            f.seek(info.offset)
-            buf = io.BytesIO(f.read(info.length))
-        return torch.load(buf, map_location="cpu", weights_only=True)
+        if info.relative_path not in self._fds:
+            self._fds[info.relative_path] = os.open(os.path.join(self.path, info.relative_path), os.O_RDONLY)
+        window = _Window(self._fds[info.relative_path], info.offset, info.length)
+        return torch.load(io.BufferedReader(window, 1 << 16), map_location="cpu", weights_only=True)
+
+
+class _Window(io.RawIOBase):
+    """Bytes [offset, offset + length) of an open file as a seekable stream (one torch.save record
+    of a .distcp file), read with pread: torch.load reads the zip directory, then the storage
+    directly into the tensor through ``readinto``."""
+
+    def __init__(self, fd: int, offset: int, length: int):
+        self.fd, self.offset, self.length, self.pos = fd, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = pos if whence == 0 else self.pos + pos if whence == 1 else self.length + pos
+        return self.pos
+
+    def readinto(self, b) -> int:
+        k = min(len(b), self.length - self.pos)
+        if k <= 0:
+            return 0
+        got = os.preadv(self.fd, [memoryview(b).cast("B")[:k]], self.offset + self.pos)
+        self.pos += got
+        return got
+
+
+_DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)}
 
 
 class TorchDistWriter:
-    """Streams tensors into a new torch_dist directory; ``close()`` writes the metadata last.
+    """Streams tensors into ONE ``.distcp`` file of a torch_dist directory (memory: one chunk) and
+    returns what the metadata needs as a JSON-able record; :func:`write_metadata` combines the
+    records of all files (written by any processes or nodes) into ``.metadata`` and ``checksums.json``, last."""
 
-    Every ``add`` call writes one chunk immediately (memory: that chunk). ``expert_axis=True``
-    writes a stacked ``[E, ...]`` tensor as E chunks, like megatron does at EP=E, so that an
-    EP-sharded load reads only its own experts.
-    """
-
-    def __init__(self, path: str, file_size: int = 5 * 1024 ** 3):
-        self.path = path
+    def __init__(self, path: str, rel: str):
         os.makedirs(path, exist_ok=True)
-        self.file_size = file_size
-        self.state_dict_metadata: dict = {}
-        self.storage_data: dict = {}
-        self._n = 0
-        self._f = None
-        self._rel = None
+        self.rel = rel
+        self._f = open(os.path.join(path, rel), "wb")
+        self.entries: list = []  # in write order: [key, dtype, global shape, [[offsets, sizes], ...]]
+        #                          for tensors, [key] for ShardedObjects
+        self.storage: list = []  # [key, offsets (None for objects), start, length]
         self.bytes_written = 0
-
-    def _stream(self):
-        if self._f is None or self._f.tell() >= self.file_size:
-            if self._f is not None:
-                self._f.close()
-            self._rel = f"__0_{self._n}.distcp"
-            self._n += 1
-            self._f = open(os.path.join(self.path, self._rel), "wb")
-        return self._f
 
     def _write_chunk(self, key: str, t: torch.Tensor, offsets: tuple[int, ...]):
         from torch.utils.serialization import config as ser_config
 
-        f = self._stream()
+        f = self._f
         start = f.tell()
         t = t.contiguous()
         if t.untyped_storage().nbytes() != t.numel() * t.element_size():
@@ -192,44 +242,21 @@ class TorchDistWriter:
             ser_config.save.compute_crc32 = old
         length = f.tell() - start
         self.bytes_written += length
-        self.storage_data[MetadataIndex(key, torch.Size(offsets))] = _StorageInfo(self._rel, start, length)
-
-    def add(self, key: str, t, expert_axis: bool = False) -> None:
-        """Write tensor ``t`` under ``key``. With ``expert_axis``, ``t`` may also be a list of the
-        per-expert tensors (never stacked in memory) of the global ``[E, ...]`` tensor."""
-        if key in self.state_dict_metadata:
-            raise ValueError(f"duplicate key {key}")
-        chunks = []
-        if expert_axis:
-            for e, x in enumerate(t):  # a tensor or an iterable of per-expert tensors, consumed lazily
-                x = x.unsqueeze(0)
-                off = (e,) + (0,) * (x.dim() - 1)
-                self._write_chunk(key, x, off)
-                chunks.append(ChunkStorageMetadata(torch.Size(off), x.shape))
-                dtype, shape = x.dtype, torch.Size((len(chunks),) + tuple(x.shape[1:]))
-            self.state_dict_metadata[key] = TensorStorageMetadata(TensorProperties(dtype=dtype), shape, chunks)
-            return
-        else:
-            off = (0,) * t.dim()
-            self._write_chunk(key, t, off)
-            chunks.append(ChunkStorageMetadata(torch.Size(off), t.shape))
-        self.state_dict_metadata[key] = TensorStorageMetadata(TensorProperties(dtype=t.dtype), t.shape, chunks)
+        self.storage.append([key, list(offsets), start, length])
 
     def add_chunks(self, key: str, shape, dtype: torch.dtype, chunks) -> None:
         """Write the global tensor ``key`` of ``shape`` as the given (offsets, tensor) chunks
         (consumed lazily; together they must tile the tensor exactly)."""
-        if key in self.state_dict_metadata:
-            raise ValueError(f"duplicate key {key}")
         md, n = [], 0
         for off, x in chunks:
             if x.dtype != dtype:
                 raise ValueError(f"{key}: chunk dtype {x.dtype} != {dtype}")
             self._write_chunk(key, x, off)
-            md.append(ChunkStorageMetadata(torch.Size(off), x.shape))
+            md.append([list(off), list(x.shape)])
             n += x.numel()
         if n != torch.Size(shape).numel():
             raise AssertionError(f"{key}: chunks cover {n} of {torch.Size(shape).numel()} elements")
-        self.state_dict_metadata[key] = TensorStorageMetadata(TensorProperties(dtype=dtype), torch.Size(shape), md)
+        self.entries.append([key, str(dtype), list(shape), md])
 
     def add_object(self, key: str, obj) -> None:
         """A megatron ShardedObject (e.g. a module's ``_extra_state``): torch.save([obj]) bytes."""
@@ -239,25 +266,46 @@ class TorchDistWriter:
 
     def add_bytes(self, key: str, data: bytes) -> None:
         """A ShardedObject from its stored bytes (``TorchDistReader.read_bytes``), copied verbatim."""
-        if key in self.state_dict_metadata:
-            raise ValueError(f"duplicate key {key}")
-        f = self._stream()
-        start = f.tell()
-        f.write(data)
-        self.storage_data[MetadataIndex(key)] = _StorageInfo(self._rel, start, f.tell() - start)
-        self.state_dict_metadata[key] = BytesStorageMetadata()
+        start = self._f.tell()
+        self._f.write(data)
+        self.bytes_written += len(data)
+        self.storage.append([key, None, start, self._f.tell() - start])
+        self.entries.append([key])
 
-    def close(self, common: dict) -> None:
-        if self._f is not None:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            self._f = None
-        layout.write_common_state(self.path, common)
-        with open(os.path.join(self.path, "metadata.json"), "w") as f:
-            json.dump(MEGATRON_METADATA, f)
-        md = Metadata(state_dict_metadata=self.state_dict_metadata, planner_data=None,
-                      storage_data=self.storage_data, storage_meta=StorageMeta(checkpoint_id=self.path))
-        with open(os.path.join(self.path, ".metadata"), "wb") as f:
-            pickle.dump(md, f)
-        manifest.write_manifest(self.path, manifest.hash_files(self.path, manifest.checkpoint_files(self.path)))
+    def close(self) -> dict:
+        """fsync the file; the record for :func:`write_metadata`."""
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        return {"rel": self.rel, "entries": self.entries, "storage": self.storage,
+                "bytes": self.bytes_written}
+
+
+def write_metadata(path: str, records: list[dict], common: dict) -> None:
+    """``common.pt``, ``metadata.json`` and the pickled ``Metadata`` of a torch_dist directory whose
+    ``.distcp`` files were written by :class:`TorchDistWriter` (``records`` in file order)."""
+    sd, storage = {}, {}
+    for rec in records:
+        for key, *tensor in rec["entries"]:
+            if key in sd:
+                raise ValueError(f"duplicate key {key}")
+            if not tensor:
+                sd[key] = BytesStorageMetadata()
+                continue
+            dtype, shape, chunks = tensor
+            sd[key] = TensorStorageMetadata(TensorProperties(dtype=_DTYPES[dtype]), torch.Size(shape),
+                                            [ChunkStorageMetadata(torch.Size(o), torch.Size(z)) for o, z in chunks])
+        for key, off, start, length in rec["storage"]:
+            idx = MetadataIndex(key) if off is None else MetadataIndex(key, torch.Size(off))
+            storage[idx] = _StorageInfo(rec["rel"], start, length)
+    layout.write_common_state(path, common)
+    with open(os.path.join(path, "metadata.json"), "w") as f:
+        json.dump(MEGATRON_METADATA, f)
+    # checkpoint_id: the directory's own name, not ``path``: that is a staging dir renamed afterwards,
+    # and a random temp name in .metadata would make every run's bytes (and checksums.json) differ
+    md = Metadata(state_dict_metadata=sd, planner_data=None, storage_data=storage,
+                  storage_meta=StorageMeta(checkpoint_id=os.path.basename(os.path.normpath(path))))
+    with open(os.path.join(path, ".metadata"), "wb") as f:
+        pickle.dump(md, f)  # our own Metadata object; readers unpickle it with the allow-list
+    # last, over every file of the directory: readers verify the whole checkpoint against it
+    manifest.write_manifest(path, manifest.hash_files(path, manifest.checkpoint_files(path)))

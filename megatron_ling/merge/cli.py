@@ -1,6 +1,7 @@
 """ling-merge: merge checkpoints of one run, θ̂ = Σ c_j θ_{n+j} (WSM, arXiv 2507.17634).
 
   ling-merge CKPT_DIR [CKPT_DIR|ITER_DIR ...] --last K --out OUT [--shape 1-sqrt] [--hf [--dtype bf16]]
+             [--workers N] [--file-size 5GB] [--no-verify-checksums]
   ling-merge CKPT_DIR --iterations 400 500 600 --shape weights --weights 1 2 3 --out OUT
   ling-merge CKPT_DIR --last 8 --shape cosine --dry-run        # print checkpoints and coefficients
 
@@ -35,12 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the checkpoints and coefficients, write nothing")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes, each writing whole output files (default 1; --hf: 1 only)")
+    p.add_argument("--file-size", default="5GB", help="max bytes per output .distcp file (default 5GB)")
+    p.add_argument("--no-verify-checksums", action="store_true",
+                   help="skip checking the checkpoints' files against their checksums.json (faster, unsafe)")
     return p
 
 
 @cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from megatron_ling.convert.cli import parse_size
     from megatron_ling.merge.merge import MergedCheckpoint, merge, plan_merge
 
     if not args.dry_run and not args.out:
@@ -48,11 +55,12 @@ def main(argv=None) -> int:
     plan = plan_merge(args.inputs, last=args.last, iterations=args.iterations, shape=args.shape,
                       ema_decay=args.ema_decay, exp_rate=args.exp_rate, weights=args.weights)
     if args.dry_run:
-        MergedCheckpoint(plan, args.expert_bias)  # same-model checks, nothing read or written
+        MergedCheckpoint(plan, args.expert_bias, not args.no_verify_checksums)  # checks only, nothing written
         print(plan.table())
         return 0
     r = merge(plan, args.out, expert_bias=args.expert_bias, hf=args.hf, hf_dtype=args.dtype, force=args.force,
-              show_progress=not args.no_progress)
+              show_progress=not args.no_progress, workers=args.workers,
+              file_size=parse_size(args.file_size, "--file-size"), verify_checksums=not args.no_verify_checksums)
     print(plan.table())
     print(r.summary)
     return 0

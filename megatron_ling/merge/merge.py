@@ -1,11 +1,15 @@
 """WSM checkpoint merging: θ̂ = Σ_j c_j θ_{n+j} over torch_dist checkpoints of one run.
 
-Streaming, one process, no process group: every model tensor is read from each checkpoint in
-turn (``TorchDistReader`` assembles it from whatever TP/PP/VPP/EP/ETP layout saved it, so the
+Streaming, no process group: every model tensor is read from each checkpoint in turn
+(``TorchDistReader`` assembles it from whatever TP/PP/VPP/EP/ETP layout saved it, so the
 checkpoints may differ in layout), scaled and summed into one fp32 accumulator, cast back to the
-input dtype and written (``TorchDistWriter``) before the next tensor is read. Peak memory is the
-accumulator plus one fp32 copy of the tensor being read (plus that tensor's stored chunk while it
-is cast): at most 2x the largest tensor in fp32 plus the accumulator.
+input dtype and written (``TorchDistWriter``) before the next tensor is read. Peak memory per
+worker is the accumulator plus one fp32 copy of the tensor being read (plus that tensor's stored
+chunk while it is cast): at most 2x the largest tensor in fp32 plus the accumulator.
+
+The output's ``.distcp`` files are independent units of ``convert.parallel_exec`` (``--workers``
+processes write disjoint files); ``.metadata``, ``common.pt``, ``checksums.json`` and the tracker
+are written last, and the output appears in one rename when complete.
 
 What is merged: every model weight, and the router's expert bias (with the same coefficients by
 default; ``expert_bias="last"`` takes the newest checkpoint's). What is not: optimizer state, RNG
@@ -31,8 +35,9 @@ import torch
 
 from megatron_ling.checkpoint import layout
 from megatron_ling.convert import mapping as N
-from megatron_ling.convert.common import Throughput, atomic_dir, check_output, progress
-from megatron_ling.convert.torch_dist import TorchDistReader, TorchDistWriter
+from megatron_ling.convert.common import check_output
+from megatron_ling.convert.parallel_exec import ExecResult, Job, Unit, execute, summary as _summary
+from megatron_ling.convert.torch_dist import TorchDistReader, TorchDistWriter, write_metadata
 from megatron_ling.errors import LingConfigError
 from megatron_ling.merge.coefficients import merge_coefficients, update_weights
 from megatron_ling.models.config import LingConfig
@@ -161,16 +166,18 @@ class MergedCheckpoint:
     """A virtual checkpoint with TorchDistReader's read interface whose tensors are the merge:
     ``ling-convert``'s to-hf streams it like a checkpoint on disk (``ling-merge --hf``)."""
 
-    def __init__(self, plan: MergePlan, expert_bias: str = "merge"):
+    def __init__(self, plan: MergePlan, expert_bias: str = "merge", verify_checksums: bool = True):
         if expert_bias not in ("merge", "last"):
             raise LingConfigError(f"--expert-bias: must be merge or last, got {expert_bias!r}")
         self.plan, self.expert_bias = plan, expert_bias
-        self.readers = [TorchDistReader(s.path) for s in plan.sources]
+        self.readers = [TorchDistReader(s.path, verify_checksums=verify_checksums) for s in plan.sources]
+        self.inputs = tuple(s.path for s in plan.sources)  # an output holding one of them is refused
         self.keys = check_same_model(self.readers)
         last = self.readers[-1]
         self.tensors = {k: last.tensors[k] for k in self.keys}
         self.path = f"merge of {len(self.readers)} checkpoints ({plan.iterations[0]}..{plan.iterations[-1]})"
         self.bytes_read = 0
+        self._cached = (None, None)  # (key, merged tensor) of the last read_view
 
     def shape(self, key: str) -> tuple:
         return self.readers[-1].shape(key)
@@ -198,6 +205,17 @@ class MergedCheckpoint:
             del x
         return acc.to(dtype or self.dtype(key))
 
+    def read_view(self, key: str, offsets: tuple, sizes: tuple) -> torch.Tensor:
+        """The box ``offsets``/``sizes`` of the merged ``key`` (to-hf's per-tensor reads): a view of
+        the merged tensor, which is kept for the next box of the same key."""
+        if self._cached[0] != key:
+            self._cached = (None, None)  # drop the old tensor before merging the next one
+            self._cached = (key, self.read(key))
+        t = self._cached[1]
+        for dim, (o, z) in enumerate(zip(offsets, sizes)):
+            t = t.narrow(dim, o, z)
+        return t
+
     def common(self) -> dict:
         """common.pt of the merged checkpoint (plain types only)."""
         src = self.common_state()
@@ -218,6 +236,7 @@ class MergeResult:
     plan: MergePlan
     num_tensors: int
     summary: str
+    run: ExecResult | None = None  # units run, peak RSS per worker (torch_dist output)
 
 
 def plan_merge(inputs: list[str], last: Optional[int] = None, iterations: Optional[list[int]] = None,
@@ -229,34 +248,91 @@ def plan_merge(inputs: list[str], last: Optional[int] = None, iterations: Option
     return MergePlan(sources=sources, coefficients=c, shape=shape)
 
 
+def _chunks(key: str, t: torch.Tensor):
+    """(offsets, tensor) chunks of a merged tensor: each expert its own chunk on the expert axis
+    (as megatron saves at EP=E, so an EP-sharded load reads only its experts), else one."""
+    if N.classify(key).role in _EXPERT_ROLES:
+        return [((e,) + (0,) * (t.dim() - 1), t[e:e + 1]) for e in range(t.shape[0])]
+    return [((0,) * t.dim(), t)]
+
+
+class MergeJob(Job):
+    """One unit per planned ``.distcp`` file: consecutive model keys packed up to ``file_size``
+    output bytes (a larger tensor gets its own file); the newest checkpoint's ShardedObjects
+    (``_extra_state``) go verbatim into the last file. A worker opens the sources itself (the
+    parent verified their checksums); ``finalize`` writes the metadata and the tracker."""
+
+    def __init__(self, merged: MergedCheckpoint, file_size: int):
+        self.plan, self.expert_bias = merged.plan, merged.expert_bias
+        self.inputs = merged.inputs
+        self.common = merged.common()
+        self.iteration = self.common["iteration"]
+        self.dtypes = {k: merged.dtype(k) for k in merged.keys}
+        out_bytes = {k: torch.Size(s).numel() * self.dtypes[k].itemsize for k, s in merged.keys.items()}
+        groups, size = [[]], 0
+        for k in merged.keys:
+            if groups[-1] and size + out_bytes[k] > file_size:
+                groups.append([])
+                size = 0
+            groups[-1].append(k)
+            size += out_bytes[k]
+        self.groups = groups
+        self.reads = sum(c != 0.0 for c in self.plan.coefficients)  # checkpoints read per tensor
+        self.units = [Unit(f"__0_{i}.distcp", self.reads * sum(out_bytes[k] for k in g)) for i, g in enumerate(groups)]
+        self.objects = sorted(k for k in merged.readers[-1].objects
+                              if not k.startswith(("optimizer.", "rng_state", "rerun_state_machine")))
+        self._merged = merged
+
+    def __getstate__(self):  # workers open their own sources
+        return {**self.__dict__, "_merged": None}
+
+    def describe(self) -> dict:
+        return {"job": "merge", "sources": [os.path.abspath(s.path) for s in self.plan.sources],
+                "coefficients": self.plan.coefficients, "expert_bias": self.expert_bias,
+                "files": self.groups, "objects": self.objects}
+
+    def run_unit(self, i: int, out_dir: str, report) -> dict:
+        if self._merged is None:
+            self._merged = MergedCheckpoint(self.plan, self.expert_bias, verify_checksums=False)
+        merged, read0 = self._merged, self._merged.bytes_read
+        d = layout.iteration_dir(out_dir, self.iteration)
+        writer = TorchDistWriter(d, self.units[i].name)
+        for key in self.groups[i]:
+            t = merged.read(key)
+            writer.add_chunks(key, t.shape, t.dtype, _chunks(key, t))
+            report(self.reads * t.numel() * t.element_size())
+            del t
+        if i == len(self.units) - 1:
+            last = merged.readers[-1]
+            for key in self.objects:
+                writer.add_bytes(key, last.read_bytes(key))
+        rec = writer.close()
+        rec["files"] = [os.path.relpath(os.path.join(d, rec["rel"]), out_dir)]
+        rec["read"] = merged.bytes_read - read0
+        return rec
+
+    def finalize(self, out_dir: str, records: list[dict]) -> None:
+        write_metadata(layout.iteration_dir(out_dir, self.iteration), records, self.common)
+        layout.write_tracker(out_dir, self.iteration)
+
+
 def merge(plan: MergePlan, out_dir: str, expert_bias: str = "merge", hf: bool = False, hf_dtype: str = "bf16",
-          force: bool = False, show_progress: bool = True) -> MergeResult:
-    """Write the merge of ``plan`` to ``out_dir`` (torch_dist, or HF with ``hf``), atomically."""
-    check_output(out_dir, force)
-    merged = MergedCheckpoint(plan, expert_bias)
+          force: bool = False, show_progress: bool = True, workers: int = 1, file_size: int = 5 * 1024 ** 3,
+          verify_checksums: bool = True) -> MergeResult:
+    """Write the merge of ``plan`` to ``out_dir`` (torch_dist with ``workers`` processes, or HF with
+    ``hf``, in this process), atomically."""
+    check_output(out_dir, force, tuple(s.path for s in plan.sources))
+    if file_size <= 0:
+        raise LingConfigError("--file-size: must be positive")
+    merged = MergedCheckpoint(plan, expert_bias, verify_checksums)
     if hf:
         from megatron_ling.convert.to_hf import to_hf
 
-        r = to_hf(merged, out_dir, dtype=hf_dtype, force=force, show_progress=show_progress)
-        return MergeResult(r.out_dir, plan, r.num_tensors, r.summary.replace("to-hf", "merge", 1))
-    tp = Throughput()
-    it = merged.common()["iteration"]
-    total = sum(torch.Size(s).numel() * merged.dtype(k).itemsize for k, s in merged.keys.items())
-    with atomic_dir(out_dir, force) as tmp:
-        writer = TorchDistWriter(layout.iteration_dir(tmp, it))
-        bar = progress(total, "merge", show_progress)
-        for key in merged.keys:
-            t = merged.read(key)
-            writer.add(key, t, expert_axis=N.classify(key).role in _EXPERT_ROLES)
-            bar.update(t.numel() * t.element_size())
-            del t
-        last = merged.readers[-1]
-        for key in sorted(last.objects):  # _extra_state objects: verbatim from the newest checkpoint
-            if not key.startswith(("optimizer.", "rng_state", "rerun_state_machine")):
-                writer.add_bytes(key, last.read_bytes(key))
-        bar.close()
-        writer.close(merged.common())
-        layout.write_tracker(tmp, it)
-    tp.read, tp.written = merged.bytes_read, writer.bytes_written
+        r = to_hf(merged, out_dir, dtype=hf_dtype, force=force, show_progress=show_progress, workers=workers)
+        return MergeResult(r.out_dir, plan, r.num_tensors, r.summary.replace("to-hf", "merge", 1), r.run)
+    job = MergeJob(merged, file_size)
+    r = execute(job, out_dir, workers, 0, 1, force, show_progress, "merge")
+    read = sum(rec["read"] for rec in r.records)
+    written = sum(rec["bytes"] for rec in r.records)
     return MergeResult(os.path.abspath(out_dir), plan, len(merged.keys),
-                       tp.summary(f"{merged.path} -> {out_dir}"))
+                       _summary(f"{merged.path} -> {out_dir}", r, read, written, len(job.units)), r)

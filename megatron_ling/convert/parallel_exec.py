@@ -1,0 +1,342 @@
+"""Plan / partition / execute: the one mechanism that runs a conversion (``to-hf``, ``from-hf``, the
+coming ``ling-merge``) as independent *units* on worker processes and nodes.
+
+A :class:`Job` is planned completely before anything runs: its ``units`` (each writes its own output
+files, e.g. one safetensors shard or one ``.distcp`` file) and their costs (bytes). Then:
+
+* ``partition`` splits the units between ranks (nodes / Slurm array tasks) deterministically, by
+  cost (longest first onto the least loaded rank), so every rank computes the same split;
+* ``execute`` runs this rank's units on ``workers`` processes (fresh interpreters: a child imports
+  only the job's module - torch and the converter, never megatron), each a disjoint share of the
+  units (``partition`` again), writing its files into the staging directory; a unit is *done* when its completion
+  marker (``units/<i>.json``: what ``finalize`` needs + the files' sizes) is written, atomically,
+  after its files are fsynced;
+* when every unit of the plan has its marker (the rank that finishes last sees this), that rank
+  calls ``job.finalize`` (index, metadata, config: written last) and renames the staging output onto
+  ``OUT`` in one ``os.rename``.
+
+Staging: with one rank a fresh hidden temp dir next to ``OUT``, removed on any failure (nothing is
+left); with several ranks ``.<OUT>.staging/`` next to ``OUT``, kept after a failure so that a rerun
+(of any ranks) redoes only the units without a valid marker. ``plan.json`` there holds the plan's
+fingerprint: a staging dir of a different conversion is refused, not mixed in.
+
+A failed unit (exception or a killed worker) stops the other workers and fails the command.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import socket
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+
+from megatron_ling.convert.common import check_output, progress
+from megatron_ling.errors import LingConfigError
+
+PLAN = "plan.json"
+UNITS = "units"
+OUT = "out"
+LOCK = "finalize.lock"
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str  # stable, for messages (e.g. the file it writes)
+    cost: int  # bytes it reads or writes: what partition balances
+
+
+class Job:
+    """What a parallel conversion implements. Instances are pickled to the workers (keep them to
+    plain data; open files lazily in ``run_unit``)."""
+
+    units: list[Unit]
+    inputs: tuple = ()  # the input paths: an output that is or contains one is refused
+
+    def describe(self) -> dict:
+        """Everything the output depends on (JSON-able): its hash identifies the plan."""
+        raise NotImplementedError
+
+    def run_unit(self, i: int, out_dir: str, report) -> dict:
+        """Write unit ``i``'s files into ``out_dir`` (fsynced before returning) and return a JSON-able
+        record for ``finalize`` with ``"files"``: the names written. ``report(nbytes)``: progress."""
+        raise NotImplementedError
+
+    def finalize(self, out_dir: str, records: list[dict]) -> None:
+        """Write what needs every unit (index, metadata, config), ``records`` in unit order."""
+        raise NotImplementedError
+
+
+@dataclass
+class ExecResult:
+    finalized: bool  # the output is complete at OUT
+    ran: list[int]  # units this call converted
+    skipped: list[int]  # units of this rank already done (a rerun)
+    missing: int  # units of the plan still without a marker (other ranks') when not finalized
+    seconds: float
+    peak_rss: dict[int, int] = field(default_factory=dict)  # worker pid -> peak RSS bytes
+    records: list[dict] = field(default_factory=list)
+
+
+def fingerprint(job: Job) -> str:
+    return hashlib.sha256(json.dumps(job.describe(), sort_keys=True).encode()).hexdigest()
+
+
+def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """Explicit values, else ``RANK``/``WORLD_SIZE``, else a Slurm array (``SLURM_ARRAY_TASK_ID``
+    counted from ``SLURM_ARRAY_TASK_MIN``, ``SLURM_ARRAY_TASK_COUNT``), else (0, 1)."""
+    env = os.environ
+    if rank is None and world_size is None:
+        if "WORLD_SIZE" in env or "RANK" in env:
+            rank, world_size = env.get("RANK", "0"), env.get("WORLD_SIZE", "1")
+            src = "RANK/WORLD_SIZE"
+        elif "SLURM_ARRAY_TASK_COUNT" in env:
+            rank = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+            world_size = env["SLURM_ARRAY_TASK_COUNT"]
+            src = "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT"
+        else:
+            return 0, 1
+    else:
+        src = "--rank/--world-size"
+    try:
+        rank, world_size = int(0 if rank is None else rank), int(1 if world_size is None else world_size)
+    except ValueError:
+        raise LingConfigError(f"{src}: {rank!r}/{world_size!r} are not integers") from None
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise LingConfigError(f"{src}: rank {rank} of world size {world_size} is out of range; "
+                              f"need 0 <= rank < world size")
+    return rank, world_size
+
+
+def partition(units: list[Unit], world_size: int) -> list[list[int]]:
+    """Disjoint unit indices per rank, balanced by cost (longest first onto the least loaded rank,
+    ties by index): the same on every rank, whatever the worker counts."""
+    load = [0] * world_size
+    parts: list[list[int]] = [[] for _ in range(world_size)]
+    for i in sorted(range(len(units)), key=lambda i: (-units[i].cost, i)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        parts[r].append(i)
+        load[r] += units[i].cost
+    return [sorted(p) for p in parts]
+
+
+# ------------------------------------------------------------------------------ staging
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _marker(staging: str, i: int) -> str:
+    return os.path.join(staging, UNITS, f"{i:06d}.json")
+
+
+def _done(staging: str, i: int) -> dict | None:
+    """The unit's record if its marker exists and every file it names has the size it recorded."""
+    try:
+        with open(_marker(staging, i)) as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        return None
+    for name, size in m["sizes"].items():
+        p = os.path.join(staging, OUT, name)
+        if not os.path.isfile(p) or os.path.getsize(p) != size:
+            return None
+    return m["record"]
+
+
+def _run_and_mark(job: Job, i: int, staging: str, report) -> dict:
+    out = os.path.join(staging, OUT)
+    rec = job.run_unit(i, out, report)
+    sizes = {n: os.path.getsize(os.path.join(out, n)) for n in rec["files"]}
+    _write_json(_marker(staging, i), {"unit": job.units[i].name, "sizes": sizes, "record": rec})
+    return rec
+
+
+def _open_staging(job: Job, out_dir: str, world_size: int) -> tuple[str, bool]:
+    """(staging dir, whether it is this call's own temp dir)."""
+    parent, base = os.path.split(os.path.abspath(out_dir))
+    fp = {"fingerprint": fingerprint(job), "units": [u.name for u in job.units]}
+    if world_size == 1:
+        staging = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700: as mkdir would, like the multi-rank staging
+        own = True
+    else:
+        staging = os.path.join(parent, f".{base}.staging")
+        own = False
+        os.makedirs(staging, exist_ok=True)
+    os.makedirs(os.path.join(staging, UNITS), exist_ok=True)
+    os.makedirs(os.path.join(staging, OUT), exist_ok=True)
+    plan = os.path.join(staging, PLAN)
+    if not os.path.exists(plan):
+        _write_json(plan, fp)
+    with open(plan) as f:
+        if json.load(f).get("fingerprint") != fp["fingerprint"]:
+            raise LingConfigError(f"output: staging directory {staging} belongs to a different conversion "
+                                  f"(other input or options); remove it or finish that conversion first")
+    return staging, own
+
+
+# ------------------------------------------------------------------------------ workers
+def _worker_main() -> int:
+    """A worker process (``python -m megatron_ling.convert.parallel_exec``): reads the parent's
+    sys.path (a JSON line) and the pickled (job, staging, units) from stdin, runs the units in order
+    and reports JSON lines on stdout. Started with subprocess, not multiprocessing: the caller's
+    ``__main__`` is never re-imported, and the child imports only the job's module."""
+    import pickle
+    import sys
+
+    sys.path[:] = json.loads(sys.stdin.buffer.readline())
+    job, staging, todo = pickle.load(sys.stdin.buffer)  # written by our parent process
+    out = sys.stdout
+
+    def send(*msg):
+        out.write(json.dumps(msg) + "\n")
+        out.flush()
+
+    for i in todo:
+        try:
+            _run_and_mark(job, i, staging, lambda n: send("progress", n))
+        except LingConfigError as e:
+            send("error", i, True, str(e))
+            return 2
+        except BaseException:  # noqa: BLE001 - reported to the parent, which fails the command
+            send("error", i, False, traceback.format_exc())
+            return 1
+        send("done", i, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return 0
+
+
+def _run_pool(job: Job, todo: list[int], staging: str, workers: int, bar) -> dict:
+    """Run ``todo`` on ``workers`` processes, each a disjoint share (``partition`` by cost); the
+    first failure terminates the others and is raised. Returns pid -> peak RSS."""
+    import pickle
+    import selectors
+    import subprocess
+    import sys
+
+    shares = [[todo[k] for k in part] for part in partition([job.units[i] for i in todo], workers) if part]
+    procs = []
+    sel = selectors.DefaultSelector()
+    for share in shares:
+        p = subprocess.Popen([sys.executable, "-m", "megatron_ling.convert.parallel_exec"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=False)
+        p.stdin.write(json.dumps(sys.path).encode() + b"\n")
+        pickle.dump((job, staging, share), p.stdin)
+        p.stdin.close()
+        procs.append(p)
+        sel.register(p.stdout, selectors.EVENT_READ, p)
+    rss, error, open_pipes = {}, None, len(procs)
+    try:
+        while open_pipes and error is None:
+            for key, _ in sel.select():
+                p = key.data
+                line = p.stdout.readline()
+                if not line:
+                    sel.unregister(p.stdout)
+                    open_pipes -= 1
+                    if p.wait() != 0 and error is None:
+                        error = RuntimeError(f"a conversion worker (pid {p.pid}) died with exit code "
+                                             f"{p.returncode} (killed? out of memory?)")
+                    continue
+                msg = json.loads(line)
+                if msg[0] == "progress":
+                    bar.update(msg[1])
+                elif msg[0] == "done":
+                    rss[p.pid] = max(rss.get(p.pid, 0), msg[2])
+                else:
+                    _, i, user_error, text = msg
+                    error = LingConfigError(text) if user_error else RuntimeError(
+                        f"conversion worker {p.pid} failed on unit {i} ({job.units[i].name}):\n{text}")
+    finally:
+        for p in procs:
+            if p.poll() is None and error is not None:
+                p.kill()  # a failed unit fails the command: stop the others now
+            p.wait()
+            p.stdout.close()
+        sel.close()
+    if error is not None:
+        raise error
+    return rss
+
+
+def execute(job: Job, out_dir: str, workers: int = 1, rank: int = 0, world_size: int = 1,
+            force: bool = False, show_progress: bool = True, desc: str = "convert") -> ExecResult:
+    """Run this rank's share of ``job`` with ``workers`` processes (1: in this process); the rank
+    that completes the plan finalizes and renames the output onto ``out_dir``."""
+    if workers < 1:
+        raise LingConfigError(f"--workers: must be >= 1, got {workers}")
+    check_output(out_dir, force, job.inputs)
+    t0 = time.perf_counter()
+    staging, own = _open_staging(job, out_dir, world_size)
+    try:
+        mine = partition(job.units, world_size)[rank]
+        skipped = [i for i in mine if _done(staging, i) is not None]
+        todo = [i for i in mine if i not in skipped]
+        bar = progress(sum(job.units[i].cost for i in todo), desc, show_progress)
+        if workers == 1:
+            for i in todo:
+                _run_and_mark(job, i, staging, bar.update)
+            rss = {os.getpid(): resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024} if todo else {}
+        else:
+            rss = _run_pool(job, todo, staging, workers, bar)
+        bar.close()
+        records = [_done(staging, i) for i in range(len(job.units))]
+        missing = sum(r is None for r in records)
+        finalized = missing == 0 and _finalize(job, staging, out_dir, records, force)
+    except BaseException:
+        if own:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExecResult(finalized, todo, skipped, missing, time.perf_counter() - t0, rss,
+                      records if finalized else [])
+
+
+def _finalize(job: Job, staging: str, out_dir: str, records: list[dict], force: bool) -> bool:
+    """Index/config, then one rename. Returns False when another rank holds the finalize lock."""
+    lock = os.path.join(staging, LOCK)
+    try:
+        os.mkdir(lock)
+    except FileExistsError:
+        return False  # another rank finished at the same time and finalizes
+    with open(os.path.join(lock, "owner"), "w") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()}\n")
+    out = os.path.join(staging, OUT)
+    job.finalize(out, records)
+    check_output(out_dir, force, job.inputs)
+    if os.path.lexists(out_dir):  # --force: replace only now that the new output is complete
+        old = staging + ".old"
+        os.rename(out_dir, old)
+        os.rename(out, out_dir)
+        shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)
+    else:
+        os.rename(out, out_dir)
+    shutil.rmtree(staging, ignore_errors=True)
+    return True
+
+
+def summary(what: str, r: ExecResult, read: int, written: int, total_units: int) -> str:
+    """The one-line report of a converter run (bench/convert.py parses ' in <s> s ')."""
+    dt = max(r.seconds, 1e-9)
+    s = (f"{what}: {len(r.ran)} of {total_units} units converted here ({len(r.skipped)} already done), "
+         f"read {read / 1e9:.3f} GB, wrote {written / 1e9:.3f} GB in {dt:.1f} s "
+         f"({written / 1e6 / dt:.0f} MB/s written)")
+    if r.peak_rss:
+        s += f"; peak RSS per worker {max(r.peak_rss.values()) / 1e9:.2f} GB ({len(r.peak_rss)} workers)"
+    if not r.finalized:
+        s += (f"; output not complete yet: {r.missing} units (other ranks') missing - the rank that "
+              f"finishes last writes it" if r.missing else "; another rank is writing the output (finalize lock)")
+    return s
+
+
+if __name__ == "__main__":
+    raise SystemExit(_worker_main())

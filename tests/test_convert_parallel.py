@@ -1,0 +1,210 @@
+"""ling-convert --workers / multi-node ranks (issue 14): the same plan run by 1, 2, 3 worker processes
+or split between "nodes" (RANK/WORLD_SIZE, Slurm array) writes byte-identical output; a failing
+worker fails the command and leaves nothing; a rerun after a partial multi-node run redoes only the
+units without a completion marker. Logits against the HF reference: tests/test_convert.py (the
+parallel output is byte-identical to the one-process output those tests check)."""
+from __future__ import annotations
+
+import filecmp
+import glob
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from megatron_ling.convert import mapping as M
+from megatron_ling.convert import parallel_exec as P
+from megatron_ling.convert.cli import main as cli_main
+from megatron_ling.convert.from_hf import from_hf
+from megatron_ling.convert.hf_io import write_safetensors
+from megatron_ling.convert.to_hf import to_hf
+from megatron_ling.errors import LingConfigError
+from megatron_ling.models.config import get_preset
+
+CFG = get_preset("ling-tiny", num_nextn_predict_layers=1, moe_router_enable_expert_bias=True)
+SHARD = 150_000  # small shards / .distcp files: several units per direction, experts split across shards
+FILE = 300_000
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A random bf16 HF BailingMoeV2 directory (expert_bias fp32), several shards."""
+    d = str(tmp_path_factory.mktemp("par") / "hf")
+    os.makedirs(d)
+    plan = [(name, shape, torch.float32 if role == "expert_bias" else torch.bfloat16)
+            for unit in M.units(CFG) for role in M.layer_roles(CFG, unit) for name, shape in M.hf_names(CFG, unit, role)]
+    g = torch.Generator().manual_seed(0)
+    write_safetensors(d, plan, SHARD, ((n, torch.randn(s, generator=g).to(t)) for n, s, t in plan))
+    CFG.save_hf_config(os.path.join(d, "config.json"))
+    return d
+
+
+def files(d):
+    return sorted(os.path.relpath(p, d) for p in glob.glob(os.path.join(d, "**"), recursive=True)
+                  if os.path.isfile(p))
+
+
+def assert_identical(a, b):
+    assert files(a) == files(b)
+    different = [f for f in files(a) if not filecmp.cmp(os.path.join(a, f), os.path.join(b, f), shallow=False)]
+    assert different == []
+
+
+def leftovers(parent):
+    return [n for n in os.listdir(parent) if n.startswith(".")]
+
+
+def test_workers_give_byte_identical_output_both_directions(hf_dir, tmp_path):
+    ck = {}
+    for w in (1, 2, 3):
+        r = from_hf(hf_dir, str(tmp_path / f"ck{w}"), workers=w, file_size=FILE, show_progress=False)
+        assert r.run.finalized and len(r.run.ran) == len(r.run.records) >= 4
+        assert len(r.run.peak_rss) == min(w, len(r.run.ran))
+        ck[w] = str(tmp_path / f"ck{w}")
+    assert_identical(ck[1], ck[2])
+    assert_identical(ck[1], ck[3])
+    # fp8: a weight and its _scale_inv may sit in different shards
+    for dtype, counts in (("bf16", (1, 2, 3)), ("fp8", (1, 3))):
+        for w in counts:
+            r = to_hf(ck[w], str(tmp_path / f"{dtype}{w}"), dtype=dtype, shard_size=SHARD, workers=w,
+                      show_progress=False)
+            assert r.run.finalized and len(r.run.ran) >= 4
+        for w in counts[1:]:
+            assert_identical(str(tmp_path / f"{dtype}1"), str(tmp_path / f"{dtype}{w}"))
+    # the round trip reproduces the source shards (same plan, same bytes), index included
+    for f in files(hf_dir):
+        if f != "config.json":
+            assert filecmp.cmp(os.path.join(hf_dir, f), str(tmp_path / "bf162" / f), shallow=False), f
+    assert leftovers(str(tmp_path)) == []
+
+
+def test_failed_worker_fails_the_command_and_leaves_nothing(hf_dir, tmp_path, capsys):
+    ck = str(tmp_path / "ck")
+    from_hf(hf_dir, ck, file_size=FILE, show_progress=False)
+    # corrupt one torch.save record in the last .distcp file (same size: passes the up-front checks)
+    last = sorted(glob.glob(os.path.join(ck, "iter_0000000", "*.distcp")))[-1]
+    with open(last, "r+b") as f:
+        f.write(b"\0" * 64)
+    out = str(tmp_path / "hf")
+    # --no-verify-checksums: the manifest would refuse the file up front; here a worker must meet it
+    rc = cli_main(["to-hf", ck, out, "--shard-size", str(SHARD), "--workers", "3", "--no-progress",
+                   "--no-verify-checksums"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: checkpoint: cannot read tensor"), err
+    assert not os.path.exists(out) and leftovers(str(tmp_path)) == []
+    # from-hf wrote checksums.json (before its rename): by default the corrupt file is refused up front
+    assert cli_main(["to-hf", ck, out, "--workers", "3", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{os.path.basename(last)} is corrupt" in err[0], err
+    assert not os.path.exists(out) and leftovers(str(tmp_path)) == []
+
+
+class _DyingJob(P.Job):
+    """A job whose unit 2 kills its worker process (as the OOM killer would)."""
+
+    def __init__(self):
+        self.units = [P.Unit(f"u{i}", 1) for i in range(5)]
+
+    def describe(self):
+        return {"job": "dying"}
+
+    def run_unit(self, i, out_dir, report):
+        if i == 2:
+            os._exit(9)
+        with open(os.path.join(out_dir, f"u{i}"), "w") as f:
+            f.write(str(i))
+        return {"files": [f"u{i}"]}
+
+    def finalize(self, out_dir, records):
+        raise AssertionError("never reached")
+
+
+def test_killed_worker_fails_the_command(tmp_path):
+    with pytest.raises(RuntimeError, match="died with exit code 9"):
+        P.execute(_DyingJob(), str(tmp_path / "out"), workers=2, show_progress=False)
+    assert os.listdir(tmp_path) == []
+
+
+def test_partition_is_disjoint_balanced_and_deterministic():
+    units = [P.Unit(str(i), c) for i, c in enumerate([5, 1, 1, 5, 3, 3, 2, 2])]
+    parts = P.partition(units, 3)
+    assert sorted(i for p in parts for i in p) == list(range(8))
+    loads = [sum(units[i].cost for i in p) for p in parts]
+    assert max(loads) - min(loads) <= 1 and parts == P.partition(units, 3)
+    assert P.partition(units, 1) == [list(range(8))]
+
+
+def test_rank_from_environment(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
+        monkeypatch.delenv(k, raising=False)
+    assert P.resolve_rank() == (0, 1)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    assert P.resolve_rank() == (1, 3)
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert P.resolve_rank() == (2, 4)  # RANK/WORLD_SIZE win
+    assert P.resolve_rank(0, 2) == (0, 2)  # explicit arguments win
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(LingConfigError, match="out of range"):
+        P.resolve_rank()
+
+
+def _unit_of(staging, i):
+    with open(os.path.join(staging, P.UNITS, f"{i:06d}.json")) as f:
+        return json.load(f)
+
+
+def test_ranks_split_the_plan_and_a_rerun_redoes_only_missing_units(hf_dir, tmp_path, monkeypatch):
+    ref = str(tmp_path / "ref")
+    from_hf(hf_dir, ref, file_size=FILE, show_progress=False)
+    out = str(tmp_path / "ck")
+    staging = str(tmp_path / ".ck.staging")
+    # three "nodes"; node 1 never runs (its job was killed before it started)
+    r0 = from_hf(hf_dir, out, file_size=FILE, show_progress=False, rank=0, world_size=3)
+    r2 = from_hf(hf_dir, out, file_size=FILE, show_progress=False, rank=2, world_size=3, workers=2)
+    assert not r0.run.finalized and not r2.run.finalized and r2.run.missing > 0
+    assert not os.path.exists(out) and os.path.isdir(staging)
+    # node 0 was killed while writing its last unit: file half written, no marker
+    lost = r0.run.ran[-1]
+    name = _unit_of(staging, lost)["sizes"]
+    os.remove(os.path.join(staging, P.UNITS, f"{lost:06d}.json"))
+    for f in name:
+        p = os.path.join(staging, P.OUT, f)
+        os.truncate(p, os.path.getsize(p) // 2)
+    # a different conversion may not reuse this staging dir
+    with pytest.raises(LingConfigError, match="belongs to a different conversion"):
+        from_hf(hf_dir, out, dtype="fp32", file_size=FILE, show_progress=False, rank=0, world_size=3)
+    # rerun of the array: node 0 redoes only the lost unit; node 1 runs and, finishing last, finalizes
+    again = from_hf(hf_dir, out, file_size=FILE, show_progress=False, rank=0, world_size=3)
+    assert again.run.ran == [lost] and sorted(again.run.skipped + [lost]) == r0.run.ran
+    assert not again.run.finalized and again.run.missing > 0
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    r1 = from_hf(hf_dir, out, file_size=FILE, show_progress=False)
+    assert r1.run.finalized and r1.run.missing == 0
+    assert sorted(r0.run.ran + r1.run.ran + r2.run.ran) == list(range(len(r1.run.records)))
+    assert_identical(ref, out)
+    assert leftovers(str(tmp_path)) == []
+    # to-hf the same way, ranks from the environment, in reverse order
+    ref_hf = str(tmp_path / "ref_hf")
+    to_hf(ref, ref_hf, shard_size=SHARD, show_progress=False, rank=0, world_size=1)
+    out_hf = str(tmp_path / "hf")
+    for rank in (1, 0):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        r = to_hf(out, out_hf, shard_size=SHARD, show_progress=False)
+        assert r.run.finalized == (rank == 0)
+    assert_identical(ref_hf, out_hf)
+    assert leftovers(str(tmp_path)) == []
+
+
+def test_bad_workers_and_rank_are_one_line_errors(hf_dir, tmp_path, capsys):
+    for args in (["--workers", "0"], ["--rank", "2", "--world-size", "2"]):
+        rc = cli_main(["from-hf", hf_dir, str(tmp_path / "x"), "--no-progress"] + args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert os.listdir(tmp_path) == []
