@@ -32,7 +32,7 @@ def _flip(path, offset):
 
 def _where(iter_dir, kind):
     if kind in ("weight", "moment"):
-        rel, off, ln = _tensor_span(iter_dir, "model." if kind == "weight" else "optimizer.state.exp_avg")
+        rel, off, ln = _tensor_span(iter_dir, "embedding.word_embeddings" if kind == "weight" else "optimizer.state.exp_avg")
         return os.path.join(iter_dir, rel), off + ln - 64  # inside the tensor's bytes, before the zip trailer
     name = {"common": "common.pt", "metadata": ".metadata"}[kind]
     return os.path.join(iter_dir, name), os.path.getsize(os.path.join(iter_dir, name)) // 2

@@ -8,7 +8,7 @@ import pytest
 
 from megatron_ling.errors import LingConfigError
 from megatron_ling.models import builder
-from megatron_ling.models.config import HF_METADATA, HF_ZERO_ONLY, LingConfig, get_preset
+from megatron_ling.models.config import HF_FIXED, HF_METADATA, LingConfig, get_preset
 from megatron_ling.models.megatron_config import to_transformer_config
 
 # LingConfig fields the model does not read, and why
@@ -65,7 +65,7 @@ def test_every_real_field_is_classified():
     ling = {f.name for f in dataclasses.fields(LingConfig)} - {"extra"}
     derived = {"rotary_dim", "moe_shared_expert_intermediate_size"}
     for k in real_config_fields():
-        assert k in ling or k in derived or k in HF_METADATA or k in HF_ZERO_ONLY, k
+        assert k in ling or k in derived or k in HF_METADATA or k in HF_FIXED, k
     assert set(CHANGED) | set(REFUSED) | set(TOKEN_IDS) == ling
     assert all(len(reason) > 20 for reason in {**HF_METADATA, **TOKEN_IDS}.values())
 
@@ -77,10 +77,11 @@ def test_honoured_field_changes_the_model(name):
     assert built(changed) != built(base), f"{name} does not reach megatron-core"
 
 
-@pytest.mark.parametrize("name", sorted(REFUSED) + list(HF_ZERO_ONLY) + ["no_such_field"])
+@pytest.mark.parametrize("name", sorted(REFUSED) + sorted(HF_FIXED) + ["no_such_field"])
 def test_other_values_are_refused_in_one_line(name):
     d = get_preset("ling-tiny").to_hf_dict()
-    d[name] = REFUSED.get(name, 0.1)
+    d[name] = REFUSED[name] if name in REFUSED else (not HF_FIXED[name][0]) if name in HF_FIXED and \
+        isinstance(HF_FIXED[name][0], bool) else 0.1
     with pytest.raises(LingConfigError) as e:
         LingConfig.from_hf_dict(d).validate()
     assert name in str(e.value) and "\n" not in str(e.value)
@@ -91,3 +92,12 @@ def test_metadata_round_trips_unchanged():
     d.update(auto_map={"AutoConfig": "x.Y"}, use_cache=False, max_window_layers=3, torch_dtype="bfloat16")
     out = LingConfig.from_hf_dict(d).to_hf_dict()
     assert all(out[k] == d[k] for k in ("auto_map", "use_cache", "max_window_layers", "torch_dtype"))
+
+
+def test_released_ling_keys_at_their_value_are_accepted():
+    """Released Ling 2.0 config.json files carry the HF_FIXED keys at their one supported value
+    (e.g. Ling-1T's using_split_qkv_in_self_attention=false): accepted, nothing else changes."""
+    base = get_preset("ling-tiny")
+    d = base.to_hf_dict()
+    d.update({k: want for k, (want, _) in HF_FIXED.items()})
+    assert LingConfig.from_hf_dict(d).validate() == base

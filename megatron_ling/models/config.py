@@ -36,8 +36,18 @@ HF_METADATA = {
     "quantization_config": "FP8 storage description written and read by ling-convert",
     "bos_token_id": "special token id for generation; training data comes from the tokenizer",
 }
-# HF dropout keys: Ling trains without dropout (megatron-ling builds hidden/attention dropout 0)
-HF_ZERO_ONLY = ("embedding_dropout", "attention_dropout", "output_dropout")
+# HF keys megatron-ling implements at one value only (released Ling configs carry them at it): any
+# other value is refused in one line. key -> (the value, what megatron-ling builds)
+HF_FIXED = {
+    # Ling trains without dropout (megatron-ling builds hidden/attention dropout 0)
+    "embedding_dropout": (0.0, "no embedding dropout"),
+    "attention_dropout": (0.0, "no attention dropout"),
+    "output_dropout": (0.0, "no hidden dropout"),
+    "use_rmsnorm": (True, "RMSNorm everywhere (megatron normalization='RMSNorm')"),
+    "norm_head": (False, "an unnormalised output layer"),
+    "norm_softmax": (False, "plain softmax attention"),
+    "using_split_qkv_in_self_attention": (False, "the fused query_key_value projection"),
+}
 # rope_scaling keys of transformers' YaRN (modeling_rope_utils._compute_yarn_parameters)
 YARN_KEYS = frozenset({"type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast",
                        "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate"})
@@ -262,10 +272,12 @@ class LingConfig:
         shared = d.pop("moe_shared_expert_intermediate_size", None)
         for k in ("architectures", "model_type"):  # to_hf_dict writes them again
             d.pop(k, None)
-        for k in HF_ZERO_ONLY:
-            if d.pop(k, 0) not in (0, 0.0, None):
-                raise LingConfigError(f"{source}: {k}: Ling trains without dropout and megatron-ling does not "
-                                      f"implement it; set {k} to 0")
+        for k, (want, builds) in HF_FIXED.items():
+            v = d.pop(k, want)
+            same_kind = isinstance(v, bool) == isinstance(want, bool)  # JSON true is not 1.0
+            if v is not None and not (same_kind and v == want):
+                raise LingConfigError(f"{source}: {k}={v!r}: megatron-ling builds {builds} only; "
+                                      f"set {k} to {json.dumps(want)} or remove it")
         unknown = sorted(set(d) - set(HF_METADATA))
         if unknown:
             raise LingConfigError(f"{source}: {unknown[0]}: not a BailingMoeV2 field megatron-ling honours; "
