@@ -61,7 +61,8 @@ CRASHES = {
 if "gloo_uneven_all_gather" in compat.PATCHES:  # the alltoall dispatcher with ETP > 1
     CRASHES["gloo_uneven_all_gather"] = (4, dict(tp=2, ep=2, moe_token_dispatcher="alltoall"), None,
                                          "ProcessGroupGloo::allgather: invalid tensor size")
-OTHERS = {"gloo_batched_p2p", "dist_opt_step_state", "ckpt_fork_queue", "gloo_shape_exchange"}
+OTHERS = {"gloo_batched_p2p", "dist_opt_step_state", "ckpt_fork_queue", "gloo_shape_exchange",
+          "recompute_share_storage"}
 
 
 def test_every_patch_has_a_scenario():
@@ -84,7 +85,11 @@ def test_patches_apply_to_the_versions_they_name():
     router = compat.PATCHES["router_gemm_name"]
     assert router.versions == ("0.16", "0.16")
     assert router.applies_to_installed() == (compat.MCORE_VERSION[:2] == (0, 16))
-    assert all(p.applies_to_installed() for n, p in compat.PATCHES.items() if n != "router_gemm_name")
+    share = compat.PATCHES["recompute_share_storage"]
+    assert share.versions == ("0.19", "0.19")
+    assert share.applies_to_installed() == (compat.MCORE_VERSION[:2] == (0, 19))
+    assert all(p.applies_to_installed() for n, p in compat.PATCHES.items()
+               if n not in ("router_gemm_name", "recompute_share_storage"))
     assert compat.mcore_at_least("0.16.1") and compat.mcore_at_least("0.16")
     assert compat.mcore_at_least("0.19") == (compat.MCORE_VERSION >= (0, 19))
 
@@ -109,7 +114,7 @@ def test_gloo_shape_exchange_prevents_the_mtp_standalone_vpp_deadlock():
     ref = F.reference(SC)
     with pytest.raises(RankFailure) as e:
         run_ranks(F.layout_run, 4, dict(recipe=SC, parallel=par, full0=ref["full0"]),
-                  compat_exclude={"gloo_shape_exchange"}, pg_timeout_s=10, timeout_s=45, grace_s=5)
+                  compat_exclude={"gloo_shape_exchange"}, pg_timeout_s=10, timeout_s=120, grace_s=5)
     stacks = str(e.value)
     assert "still running" in stacks and "_communicate_shapes" in stacks, stacks[-3000:]
     print("COMPAT gloo_shape_exchange: without it -> deadlock in p2p_communication.py _communicate_shapes")

@@ -85,7 +85,7 @@ BAD = [
     (["parallel.tp=1", "parallel.ep=1", "parallel.pp=2", "parallel.pipeline_layout=Et|tmL"], 2,
      "parallel.pipeline_layout: 'Et|tmL' places 2 decoder layers but the model has 4"),
     (["parallel.tp=1", "parallel.ep=1", "parallel.pp=2", "parallel.vpp=2", "parallel.pipeline_layout=Ett|tt|m|L"], 2,
-     "parallel.pipeline_layout: with vpp=2, MTP must be in the last stage"),
+     "parallel.pipeline_layout: with vpp=2, MTP must not be on pipeline rank 0"),
     (["parallel.tp=2", "parallel.ep=1", "parallel.etp=1"], 2, "parallel.etp: tp=2 with ep=1 and etp=1"),
     (["parallel.tp=2", "parallel.ep=2", "parallel.etp=null", "parallel.sp=false"], 4, "parallel.sp: MoE training with tp=2"),
     (["parallel.tp=1", "parallel.ep=1", "parallel.pp=2", "parallel.vpp=2",

@@ -296,6 +296,23 @@ def _recompute_fp8_flag():
     mr.CheckpointWithoutOutput.__init__ = init
 
 
+@_patch("recompute_share_storage", "cpu", "tensor_parallel/random.py:68 (_get_share_storage) / :819 (0.19.2)",
+        "0.19's selective recompute JIT-compiles a C++ extension (torch load_inline) at the first backward: "
+        "minutes on a small CPU machine, and a rank killed while compiling leaves a lock every later run "
+        "waits on forever; on the CPU a storage copy does the same", versions=("0.19", "0.19"))
+def _recompute_share_storage():
+    from megatron.core.tensor_parallel import random as mr
+
+    def share_storage(output, recomputation_output):
+        # Refill output's (freed) storage in place, so every view of it sees the recomputed data,
+        # as the extension's zero-copy pointer swap does.
+        dst, src = output.untyped_storage(), recomputation_output.untyped_storage()
+        dst.resize_(src.nbytes())
+        dst.copy_(src)
+
+    mr._get_share_storage = lambda: share_storage
+
+
 @_patch("torch_norm_sp", "no_te", "transformer/torch_norm.py:32",
         "torch RMSNorm asserts not sequence_parallel; the norm is per token, so SP only needs the "
         "weight marked sequence_parallel for finalize_model_grads to all-reduce its grad over TP")
