@@ -114,6 +114,12 @@ class DataConfig:
     create_attention_mask: materialise a [1, s, s] causal mask per sample (not needed when the
         attention implementation builds the causal mask itself).
     reset_position_ids / reset_attention_mask: restart positions / attention at every EOD.
+    format: "text" (ling-preprocess documents, GPTDataset) or "chat" (ling-preprocess --format chat:
+        conversations with an assistant-only loss mask; see megatron_ling.data.packing).
+    packing: chat only: several whole conversations per sequence (attention and positions restart
+        per conversation); false = one conversation per sequence, padded.
+    loss_normalization: chat only: "token" (mean over every assistant token of the global batch,
+        as Megatron-Bridge) or "conversation" (mean of per-conversation means).
     """
 
     paths: list[str] | None = None
@@ -127,6 +133,9 @@ class DataConfig:
     create_attention_mask: bool = False
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
+    format: str = "text"
+    packing: bool = True
+    loss_normalization: str = "token"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, prefix: str = "data") -> "DataConfig":
@@ -150,7 +159,7 @@ class DataConfig:
     def validate(self, prefix: str = "data") -> "DataConfig":
         """Raise LingConfigError (one line, names the field and the fix) on the first problem."""
         for name in ("mock", "eod_mask_loss", "create_attention_mask", "reset_position_ids",
-                     "reset_attention_mask"):
+                     "reset_attention_mask", "packing"):
             if not isinstance(getattr(self, name), bool):
                 raise LingConfigError(f"{prefix}.{name}: expected true or false, got {getattr(self, name)!r}")
         for name in ("num_workers", "seed"):
@@ -158,6 +167,7 @@ class DataConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise LingConfigError(f"{prefix}.{name}: expected an integer >= 0, got {v!r}")
         parse_split(self.split, f"{prefix}.split")
+        self._validate_format(prefix)
         if self.mock and self.paths is not None:
             raise LingConfigError(f"{prefix}.mock: mock data ignores {prefix}.paths; set one of them, not both")
         blend = parse_blend(self.paths, f"{prefix}.paths")
@@ -173,6 +183,28 @@ class DataConfig:
                 raise LingConfigError(f"{prefix}.cache_dir: {self.cache_dir!r} exists and is not a directory; "
                                       "point it at a (new or existing) directory")
         return self
+
+    def _validate_format(self, prefix: str) -> None:
+        if self.format not in ("text", "chat"):
+            raise LingConfigError(f"{prefix}.format: must be text or chat, got {self.format!r}")
+        if self.loss_normalization not in ("token", "conversation"):
+            raise LingConfigError(f"{prefix}.loss_normalization: must be token or conversation, "
+                                  f"got {self.loss_normalization!r}")
+        if self.format == "text":
+            if not self.packing or self.loss_normalization != "token":
+                raise LingConfigError(f"{prefix}.packing/{prefix}.loss_normalization: only used with "
+                                      f"{prefix}.format: chat; remove them")
+            return
+        if self.mock or self.paths is None:
+            raise LingConfigError(f"{prefix}.paths: {prefix}.format: chat needs the prefixes written by "
+                                  "`ling-preprocess --format chat` (no mock or quick-start data)")
+        if parse_blend(self.paths, f"{prefix}.paths")[1] is not None:
+            raise LingConfigError(f"{prefix}.paths: weighted blends are not supported for chat data; list the "
+                                  "prefixes (their conversations are pooled)")
+        for name in ("eod_mask_loss", "reset_position_ids", "reset_attention_mask", "create_attention_mask"):
+            if getattr(self, name):
+                raise LingConfigError(f"{prefix}.{name}: not used with {prefix}.format: chat (masks and positions "
+                                      "come from the conversations); remove it")
 
 
 def _check_prefix(p: str, field: str) -> None:

@@ -1,0 +1,215 @@
+"""SFT: chat data with the tokenizer's own template, assistant-only mask, packing exactness (single
+process, TP2, PP2), bad input."""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy
+import pytest
+import torch
+
+from megatron_ling.data.chat import ChatRenderer, preprocess_chat
+from megatron_ling.errors import LingConfigError
+from megatron_ling.testing import run_ranks
+
+import sft_support as S
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEQ = 160
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("sft")
+
+
+@pytest.fixture(scope="module")
+def tok(work):
+    return S.make_chat_tokenizer(str(work / "tok"))
+
+
+@pytest.fixture(scope="module")
+def renderer(tok):
+    return ChatRenderer(tok)
+
+
+def runs(ids, mask, r):
+    """[(bit, decoded text)] of the maximal runs of equal mask bits."""
+    out, i = [], 0
+    for bit, g in itertools.groupby(mask):
+        n = len(list(g))
+        out.append((bit, r.hf.decode(ids[i:i + n])))
+        i += n
+    return out
+
+
+# ---------------------------------------------------------------------------------------- mask
+def test_mask_covers_assistant_content_and_end_marker_only(renderer):
+    conv = {"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "add 2 and 3"},
+        {"role": "assistant", "content": "2 + 3 = 5"},
+        {"role": "user", "content": "look up lamp"},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function",
+                                                             "function": {"name": "lookup", "arguments": "lamp"}}]},
+        {"role": "tool", "content": "lamp is 4 letters"},
+        {"role": "assistant", "content": "lamp has 4 letters."},
+    ]}
+    ids, mask = renderer.tokenize(conv)
+    assert [t for b, t in runs(ids, mask, renderer) if b] == [
+        "2 + 3 = 5<|role_end|>", "<tool_call>lookup(lamp)</tool_call><|role_end|>", "lamp has 4 letters.<|role_end|>"]
+    unmasked = "".join(t for b, t in runs(ids, mask, renderer) if not b)
+    assert unmasked == ("<role>SYSTEM</role>Be brief.\ndetailed thinking off<|role_end|><role>HUMAN</role>add 2 and 3"
+                        "<|role_end|><role>ASSISTANT</role><role>HUMAN</role>look up lamp<|role_end|><role>ASSISTANT"
+                        "</role><role>OBSERVATION</role>lamp is 4 letters<|role_end|><role>ASSISTANT</role>")
+    # no system message: the template's own "detailed thinking off" system turn, not in the loss
+    ids, mask = renderer.tokenize({"messages": conv["messages"][1:3]})
+    assert runs(ids, mask, renderer)[0] == (0, "<role>SYSTEM</role>detailed thinking off<|role_end|><role>HUMAN</role>"
+                                               "add 2 and 3<|role_end|><role>ASSISTANT</role>")
+
+
+def test_random_conversations_match_the_prefix_rule(renderer):
+    rng = random.Random(1)
+    hf = renderer.hf
+    for _ in range(300):
+        conv = S.conversation(rng, max_turns=4)
+        msgs = conv["messages"]
+        ids, mask = renderer.tokenize(conv)
+        full = hf.apply_chat_template(msgs, tokenize=False)
+        assert ids == hf(full, add_special_tokens=False)["input_ids"]  # segmenting changed no token
+        want = [(1, full[len(hf.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)):
+                          len(hf.apply_chat_template(msgs[:i + 1], tokenize=False))])
+                for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        assert [(b, t) for b, t in runs(ids, mask, renderer) if b] == want
+        assert "".join(t for _, t in runs(ids, mask, renderer)) == full
+
+
+# ---------------------------------------------------------------------------------------- preprocess
+@pytest.fixture(scope="module")
+def chat_prefix(work, tok):
+    src = str(work / "chats.jsonl")
+    S.write_conversations(src, 24, seed=5)
+    res = preprocess_chat([src], str(work / "chats"), tok, SEQ, progress=False)
+    assert res.num_written + res.num_dropped == 24
+    return res.prefix
+
+
+def test_preprocess_writes_tokens_mask_and_counts(work, tok, chat_prefix, renderer):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    meta = json.load(open(chat_prefix + ".chat.json"))
+    toks, masks = IndexedDataset(chat_prefix), IndexedDataset(chat_prefix + "_loss_mask")
+    assert len(toks) == len(masks) == meta["num_written"]
+    assert meta["num_tokens"] == int(toks.sequence_lengths.sum())
+    assert meta["num_loss_tokens"] == sum(int(masks[i][1:].sum()) for i in range(len(masks)))
+    convs = [json.loads(l) for l in open(work / "chats.jsonl")]
+    ids, mask = renderer.tokenize(convs[0])
+    assert toks[0].tolist() == ids and masks[0].tolist() == mask
+
+
+def test_overlong_policy_drop_and_truncate(work, tok, capsys):
+    from megatron_ling.data.cli import main
+
+    src = str(work / "long.jsonl")
+    S.write_conversations(src, 20, seed=9, max_turns=4)
+    out = str(work / "long_drop")
+    assert main(["--format", "chat", "--input", src, "--output-prefix", out, "--tokenizer", tok,
+                 "--seq-length", "60", "--no-progress"]) == 0
+    d = json.load(open(out + ".chat.json"))
+    assert d["num_dropped"] > 0 and d["num_truncated"] == 0 and d["num_written"] + d["num_dropped"] == 20
+    assert f"{d['num_dropped']} dropped" in capsys.readouterr().out
+    out = str(work / "long_trunc")
+    assert main(["--format", "chat", "--input", src, "--output-prefix", out, "--tokenizer", tok,
+                 "--seq-length", "60", "--overlong", "truncate", "--no-progress"]) == 0
+    t = json.load(open(out + ".chat.json"))
+    assert t["num_truncated"] == d["num_dropped"] and t["num_written"] == 20 - t["num_dropped"]
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    assert IndexedDataset(out).sequence_lengths.max() <= 61
+
+
+BAD = [
+    ({"text": "hi"}, "has no 'messages'"),
+    ({"messages": [{"role": "human", "content": "x"}, {"role": "assistant", "content": "y"}]},
+     "messages[0].role 'human' is unknown"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]},
+     "messages[1] is an empty assistant turn"),
+    ({"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}]}, "has no assistant turn"),
+]
+
+
+@pytest.mark.parametrize("line,expect", BAD)
+def test_bad_lines_are_one_error_line_naming_file_and_line(work, tok, line, expect, capsys):
+    from megatron_ling.data.cli import main
+
+    src = str(work / "bad.jsonl")
+    with open(src, "w") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n")
+        f.write(json.dumps(line) + "\n")
+    out = str(work / "bad_out")
+    assert main(["--format", "chat", "--input", src, "--output-prefix", out, "--tokenizer", tok,
+                 "--seq-length", "64", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --input: ") and f"bad.jsonl:2" in err and expect in err and "\n" not in err
+    assert not [f for f in os.listdir(work) if f.startswith("bad_out")]
+
+
+def test_tokenizer_without_chat_template(work, capsys):
+    from megatron_ling.data.cli import main
+
+    bare = S.make_chat_tokenizer(str(work / "tok_bare"), template=None)
+    src = str(work / "ok.jsonl")
+    S.write_conversations(src, 2, seed=1)
+    assert main(["--format", "chat", "--input", src, "--output-prefix", str(work / "bare"), "--tokenizer", bare,
+                 "--seq-length", "64", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --tokenizer:") and "has no chat template" in err and "\n" not in err
+
+
+# ---------------------------------------------------------------------------------------- packing
+def _compare(out, normalization):
+    packed, single = out[True], out[False]
+    assert packed["samples"] < single["samples"] and packed["padding"] < single["padding"]
+    lp = torch.stack(packed["reports"]["lm loss"]).sum(0)
+    ls = torch.stack(single["reports"]["lm loss"]).sum(0)
+    assert lp[1] == ls[1] and torch.allclose(lp[0], ls[0], rtol=1e-6, atol=0)
+    op = torch.stack(packed["reports"]["sft objective"]).sum(0)
+    os_ = torch.stack(single["reports"]["sft objective"]).sum(0)
+    assert torch.allclose(op[0] / op[1], os_[0] / os_[1], rtol=1e-6, atol=0)
+    per_conv = [r[0] / r[1] for r in single["reports"]["lm loss"]]  # one conversation per micro-batch
+    if normalization == "conversation":
+        assert torch.allclose(os_[0] / os_[1], torch.stack(per_conv).mean(), rtol=1e-6)  # fp32 weights 1/n_c
+        assert os_[1] == len(per_conv)
+    else:
+        assert torch.allclose(os_[0] / os_[1], ls[0] / ls[1], rtol=1e-9)
+    worst = 0.0
+    for k, g in single["grads"].items():
+        d = (packed["grads"][k] - g).norm() / g.norm().clamp(min=1e-30)
+        worst = max(worst, float(d))
+    assert worst <= 1e-5, worst
+    return worst
+
+
+@pytest.mark.parametrize("parallel,world,normalization", [
+    (dict(), 1, "token"), (dict(), 1, "conversation"),
+    (dict(tp=2, sp=True), 2, "token"), (dict(pp=2), 2, "conversation")], ids=["tp1", "tp1-conv", "tp2sp", "pp2"])
+def test_packed_batch_equals_one_conversation_per_sequence(chat_prefix, parallel, world, normalization):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    n_conv = len(IndexedDataset(chat_prefix))
+    out = run_ranks(S.packing_rank, world, dict(parallel=parallel, prefix=chat_prefix, seq_length=SEQ,
+                                                mbs={"True": 1, "False": 1}, normalization=normalization),
+                    timeout_s=600)
+    for r in range(world):
+        if out[r][False]["reports"]:
+            assert len(out[r][False]["reports"]["lm loss"]) == n_conv
+            _compare(out[r], normalization)
+        else:  # a pipeline stage without the loss: grads only
+            worst = max(float((out[r][True]["grads"][k] - g).norm() / g.norm().clamp(min=1e-30))
+                        for k, g in out[r][False]["grads"].items())
+            assert worst <= 1e-5, worst
