@@ -126,3 +126,73 @@ def packing_rank(ctx, parallel: dict, prefix: str, seq_length: int, mbs: dict, n
         rep = {k: [d[k].double() for d in res] for k in ("lm loss", "sft objective")} if res else {}
         out[packing] = {"reports": rep, "grads": grads, "samples": len(ds), "padding": ds.padding_fraction()}
     return out
+
+
+def save_random_hf_model(directory: str, cfg, seed: int = 0) -> str:
+    """A tiny random-weight HF BailingMoeV2 (NeMo-AutoModel's implementation) as config.json +
+    model.safetensors, fp32."""
+    import torch
+    from nemo_automodel.components.models.common import BackendConfig
+    from nemo_automodel.components.models.ling_v2 import BailingMoeV2Config, BailingMoeV2ForCausalLM
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    torch.manual_seed(seed)
+    d = cfg.to_hf_dict()
+    d["torch_dtype"] = "float32"
+    m = BailingMoeV2ForCausalLM(BailingMoeV2Config(**{k: v for k, v in d.items() if k not in ("architectures",
+                                                                                             "model_type")}),
+                                backend=BackendConfig(attn="sdpa", linear="torch", rms_norm="torch",
+                                                      experts="torch", dispatcher="torch"))
+    with torch.no_grad():  # nemo leaves some weights at zero/one; give every tensor random values
+        for n, p in m.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.05 if p.dim() > 1 else 1.0 + 0.1 * torch.randn_like(p))
+    sd = {k: v.contiguous() for k, v in m.state_dict_adapter.to_hf(m.state_dict()).items()}
+    save_file(sd, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    cfg.save_hf_config(os.path.join(directory, "config.json"))
+    return directory
+
+
+def hf_assistant_loss(hf_dir: str, prefix: str) -> tuple[float, int]:
+    """(assistant-token mean loss, tokens) of the HF model over every conversation of a chat
+    prefix, one conversation per forward."""
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_ling.convert.verify import reference_model
+
+    model = reference_model(hf_dir)
+    toks, masks = IndexedDataset(prefix), IndexedDataset(prefix + "_loss_mask")
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(toks)):
+            ids = torch.as_tensor(toks[i].astype("int64"))[None]
+            m = torch.as_tensor(masks[i].astype("float64"))[1:]
+            logits = model(ids[:, :-1]).logits.double()[0]
+            ce = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+            total += float((ce * m).sum())
+            n += int(m.sum())
+    return total / n, n
+
+
+def megatron_assistant_loss_rank(ctx, ckpt_dir: str, prefix: str, seq_length: int, pad: int):
+    """The same loss from the trained megatron checkpoint through the SFT path (packed samples,
+    per-conversation mask and RoPE), TP1, fp32."""
+    import numpy
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_ling.convert.verify import load_megatron_model, single_process_megatron
+    from megatron_ling.data.packing import ChatDataset
+    from megatron_ling.training.sft import chat_forward_step, install_document_rope
+
+    with single_process_megatron():
+        _, model = load_megatron_model(ckpt_dir)
+        install_document_rope([model])
+        ds = ChatDataset([prefix], numpy.arange(len(IndexedDataset(prefix))), seq_length, pad, packing=True)
+        t = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad():
+            for i in range(len(ds)):
+                out, lf = chat_forward_step(iter([_collate([ds[i]])]), model)
+                t += lf(out)[2]["lm loss"].double()
+    return float(t[0] / t[1]), int(t[1]), len(ds)
