@@ -196,3 +196,29 @@ def megatron_assistant_loss_rank(ctx, ckpt_dir: str, prefix: str, seq_length: in
                 out, lf = chat_forward_step(iter([_collate([ds[i]])]), model)
                 t += lf(out)[2]["lm loss"].double()
     return float(t[0] / t[1]), int(t[1]), len(ds)
+
+
+def document_rope_rank(ctx):
+    import torch
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from megatron_ling.training.sft import install_document_rope
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rotary_pos_emb = RotaryEmbedding(kv_channels=16, rotary_percent=0.5, rotary_base=10000,
+                                                  use_cpu_initialization=True)
+
+    m = M()
+    full = m.rotary_pos_emb(10)
+    install_document_rope([m])
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 4], list(range(10))])
+    m.rotary_pos_emb.ling_positions = pos
+    got = m.rotary_pos_emb(10)
+    assert got.shape == (10, 2, 1, full.shape[-1])
+    assert torch.equal(got[:, 0, 0], full[pos[0], 0, 0]) and torch.equal(got[:, 1, 0], full[:, 0, 0])
+    assert not torch.equal(got[:, 0, 0], full[:, 0, 0])
+    m.rotary_pos_emb.ling_positions = None
+    assert torch.equal(m.rotary_pos_emb(10), full)
+    return True

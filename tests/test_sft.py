@@ -265,3 +265,43 @@ def test_hf_to_sft_to_hf_end_to_end(work, tok):
     assert n_samples < 12 and n_mega == n_ref  # the megatron side ran packed
     assert abs(mega - ref) <= 1e-5 * ref, (mega, ref)
     assert ref < 0.7 * first
+
+
+def test_example_recipe_is_valid_at_its_size(work, tok, chat_prefix):
+    """examples/sft_ling_mini.yaml, with its paths pointed at local stand-ins of the same shape
+    (Ling-mini-2.0's config, a chat prefix, a checkpoint dir), passes every check ling-train runs
+    before starting, for world size 16 (2 nodes x 8 GPUs), and refuses a wrong world size."""
+    from megatron_ling.models.config import get_preset
+    from megatron_ling.training.recipe import load_recipe
+    from megatron_ling.training.trainer import preflight
+
+    hf = work / "ling-mini"
+    hf.mkdir(exist_ok=True)
+    get_preset("ling-mini-2.0").save_hf_config(str(hf / "config.json"))
+    (work / "ckpt").mkdir(exist_ok=True)
+    ov = [f"model.hf_config={hf}", f"data.paths=[{chat_prefix}]", f"data.tokenizer={tok}",
+          f"checkpoint.resume={work / 'ckpt'}", f"run_dir={work / 'run_example'}"]
+    recipe = load_recipe(os.path.join(ROOT, "examples", "sft_ling_mini.yaml"), ov)
+    ling, data_cfg, _ = preflight(recipe, 16)
+    assert ling.num_experts == 256 and data_cfg.format == "chat" and recipe.num_microbatches(16) == 8
+    with pytest.raises(LingConfigError, match="parallel.ep"):
+        preflight(load_recipe(os.path.join(ROOT, "examples", "sft_ling_mini.yaml"), ov), 12)
+
+
+@pytest.mark.parametrize("override,field", [
+    (["data.format=chat", "data.paths=null"], "data.paths"),
+    (["data.packing=false"], "data.packing"),
+    (["data.format=chat", "data.loss_normalization=sample"], "data.loss_normalization"),
+])
+def test_bad_sft_recipe_fields(override, field):
+    from megatron_ling.training.recipe import load_recipe
+
+    with pytest.raises(LingConfigError) as e:
+        load_recipe("quickstart", override).validate(2)
+    assert str(e.value).startswith(field) and "\n" not in str(e.value)
+
+
+def test_document_rope_follows_position_ids():
+    """CPU path: the wrapped RotaryEmbedding returns, per sample, the angles of its position ids
+    (in a harness rank: megatron's RoPE needs the CPU compat patches)."""
+    assert run_ranks(S.document_rope_rank, 1, timeout_s=300) == [True]
