@@ -18,7 +18,7 @@ os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 os.environ.setdefault("MASTER_PORT", "29631")
 os.environ.setdefault("RANK", "0")
 os.environ.setdefault("WORLD_SIZE", "1")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import numpy  # noqa: E402
 import torch  # noqa: E402
@@ -31,7 +31,7 @@ def main():
     ap.add_argument("--mbs", type=int, default=4)
     ap.add_argument("--convs", type=int, default=400)
     a = ap.parse_args()
-    import sft_support as S
+    from tests.support import sft as S
 
     from megatron_ling.data.chat import preprocess_chat
     from megatron_ling.data.packing import ChatDataset
@@ -40,7 +40,7 @@ def main():
     from megatron_ling.parallel.config import ParallelConfig
     from megatron_ling.training.setup import (build_model, build_optimizer, init_distributed, init_model_parallel,
                                               prepare_process)
-    from megatron_ling.training.sft import chat_forward_step, install_document_rope, thd_available
+    from megatron_ling.training.sft import chat_forward_step, thd_available
     from megatron_ling.training.step import train_step
 
     work = tempfile.mkdtemp(prefix="bench_sft")
@@ -51,12 +51,11 @@ def main():
     prepare_process()
     init_distributed()
     pc = ParallelConfig()
-    init_model_parallel(pc)
+    ling = get_preset("ling-tiny")
+    init_model_parallel(pc, ling)
     opts = ModelOptions()
-    bundle = build_model(get_preset("ling-tiny"), pc, opts, tf_overrides={"calculate_per_token_loss": True})
+    bundle = build_model(ling, pc, opts, tf_overrides={"calculate_per_token_loss": True})
     opt = build_optimizer(bundle, pc, opts, lr=1e-4)
-    if not thd_available():
-        install_document_rope(bundle.chunks)
     n = a.steps * a.mbs
     print(f"ling-tiny, seq {a.seq}, micro-batch {a.mbs}, {a.steps} timed steps (+1 warm-up), "
           f"{'THD/TE' if thd_available() else 'CPU mask'} path, {torch.get_num_threads()} threads")

@@ -61,7 +61,8 @@ CRASHES = {
 if "gloo_uneven_all_gather" in compat.PATCHES:  # the alltoall dispatcher with ETP > 1
     CRASHES["gloo_uneven_all_gather"] = (4, dict(tp=2, ep=2, moe_token_dispatcher="alltoall"), None,
                                          "ProcessGroupGloo::allgather: invalid tensor size")
-OTHERS = {"gloo_batched_p2p", "dist_opt_step_state", "ckpt_fork_queue", "gloo_shape_exchange"}
+OTHERS = {"gloo_batched_p2p", "dist_opt_step_state", "ckpt_fork_queue", "gloo_shape_exchange", "document_rope",
+          "expert_bias_padding_mask"}
 
 
 def test_every_patch_has_a_scenario():
@@ -165,3 +166,46 @@ def test_gptmodel_deprecation_notice_is_dropped_and_nothing_else(caplog):
         log.warning("something else")
     assert [r.getMessage() for r in caplog.records] == ["something else"]
     assert sum(isinstance(f, compat._DropGPTModelDeprecation) for f in log.filters) == 1
+
+
+def _chat_packing(tmp_path, exclude=frozenset(), **kw):
+    """tests.support.sft.packing_rank (one rank) on 12 generated conversations: the same set packed
+    and one per sequence."""
+    from megatron_ling.data.chat import preprocess_chat
+    from tests.support import sft as S
+
+    if not (tmp_path / "c.bin").exists():
+        S.make_chat_tokenizer(str(tmp_path / "tok"))
+        S.write_conversations(str(tmp_path / "c.jsonl"), 12, seed=5)
+        preprocess_chat([str(tmp_path / "c.jsonl")], str(tmp_path / "c"), str(tmp_path / "tok"), 160, progress=False)
+    return run_ranks(S.packing_rank, 1, dict(parallel={}, prefix=str(tmp_path / "c"), seq_length=160,
+                                             mbs={"True": 1, "False": 1}, normalization="token", **kw),
+                     compat_exclude=exclude, timeout_s=300, grace_s=3)[0]
+
+
+def test_document_rope_makes_packed_chat_samples_exact(tmp_path):
+    """Without it RoPE rotates every packed conversation at its offset in the sequence (megatron's
+    GPTModel ignores position_ids for RoPE): no error, but the packed batch's loss and gradients
+    differ from the same conversations run one per sequence."""
+    import torch
+
+    from tests.support import sft as S
+
+    def run(exclude):
+        out = _chat_packing(tmp_path, exclude)
+        loss = [torch.stack(out[p]["reports"]["lm loss"]).sum(0) for p in (True, False)]
+        return S.grad_rel_diff(out[True]["grads"], out[False]["grads"]), F.rel(float(loss[0][0]), float(loss[1][0]))
+
+    bad_grad, bad_loss = run({"document_rope"})
+    print(f"COMPAT document_rope: without it -> packed vs unpacked grads {bad_grad:.2e}, loss {bad_loss:.2e} (relative)")
+    assert bad_grad > 1e-3 and bad_loss > 1e-4
+    good_grad, good_loss = run(frozenset())
+    assert good_grad <= TOL and good_loss <= TOL, (good_grad, good_loss)
+
+
+def test_expert_bias_padding_mask_lets_chat_data_route(tmp_path):
+    """Chat samples hand GPTModel a padding_mask (tokens outside the loss); with the expert bias on,
+    megatron-core's _apply_expert_bias broadcasts it against the expert dimension."""
+    _expect_failure("expert_bias_padding_mask", lambda: _chat_packing(tmp_path, {"expert_bias_padding_mask"}),
+                    "must match the size of tensor")
+    assert _chat_packing(tmp_path)[True]["reports"]

@@ -9,10 +9,16 @@ Two attention paths, chosen per process:
   RoPE restart at each boundary. Not exercised by the CPU test suite (no TE / GPU there).
 * Otherwise (CPU, local specs): an explicit [b, 1, s, s] mask (True = masked) that is causal and
   block-diagonal by ``doc_ids``, and RoPE angles gathered by ``position_ids``: megatron-core's
-  GPTModel computes RoPE for positions 0..s-1 from the sequence length alone and ignores
-  ``position_ids`` (megatron/core/models/gpt/gpt_model.py:361-368, 0.16.1), so
-  ``install_document_rope`` wraps each chunk's RotaryEmbedding to index its table by the positions
-  of the micro-batch being run.
+  GPTModel computes RoPE for positions 0..s-1 and ignores ``position_ids`` (gpt_model.py:361-368 in
+  0.16.1, :406-411 in 0.19.2), so the compat patch ``document_rope`` with ``compat.rope_positions``
+  indexes each chunk's RoPE table by the positions of the micro-batch being run.
+
+Z-loss (and the router's other per-token statistics: aux loss, expert-bias token counts) covers
+the tokens in the loss only: positions outside the assistant mask go to GPTModel as megatron-core's
+``padding_mask`` (moe/router.py:471-500, moe_utils.py:136-165), whose z-loss under
+``calculate_per_token_loss`` is the sum over those tokens, divided in finalize_model_grads by the same
+global denominator as the lm loss. It is therefore the same with and without packing (padding and
+prompts are never counted) and, with token normalisation, the mean over assistant tokens.
 
 Loss normalisation: ``loss_func`` returns (sum of loss x loss_weight, round(sum of loss_weight)); the
 trainer sets ``calculate_per_token_loss`` so megatron's schedule sums these over micro-batches and
@@ -29,9 +35,10 @@ import torch
 
 
 def thd_available() -> bool:
-    from megatron_ling.models.megatron_config import te_available
+    """Megatron-core's THD attention can run here (else the mask path with compat's document_rope)."""
+    from megatron_ling import compat
 
-    return te_available() and torch.cuda.is_available()
+    return not compat.condition_holds("no_thd")
 
 
 def document_attention_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -64,25 +71,6 @@ def _unwrap(model):
     return model
 
 
-def install_document_rope(chunks) -> None:
-    """Make every chunk's RoPE follow the positions set by ``chat_forward_step`` (CPU path)."""
-    for c in chunks:
-        rope = getattr(_unwrap(c), "rotary_pos_emb", None)
-        if rope is None or getattr(rope, "ling_positions", False) is not False:
-            continue
-        table = rope.forward  # the class's lru-cached forward, bound
-
-        def forward(max_seq_len, *args, _table=table, _rope=rope, **kwargs):
-            emb = _table(max_seq_len, *args, **kwargs)  # [s, 1, 1, d] for positions 0..s-1
-            pos = _rope.ling_positions
-            if pos is None:
-                return emb
-            return emb[:, 0, 0, :][pos.t()].unsqueeze(2)  # [s, b, 1, d]: angles of each sample's positions
-
-        rope.forward = forward
-        rope.ling_positions = None
-
-
 def loss_func(loss_mask: torch.Tensor, loss_weight: torch.Tensor, output_tensor: torch.Tensor):
     losses = output_tensor.float().reshape(-1)
     w = loss_weight.reshape(-1).float()
@@ -96,21 +84,19 @@ def loss_func(loss_mask: torch.Tensor, loss_weight: torch.Tensor, output_tensor:
 
 def chat_forward_step(data_iterator, model):
     """Megatron forward_step_func for chat samples (see the module docstring)."""
+    from megatron_ling import compat
+
     batch = next(data_iterator)
     dev = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     b = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
     tokens, labels, pos, weight, doc = b["tokens"], b["labels"], b["position_ids"], b["loss_weight"], b["doc_ids"]
+    outside = b["loss_mask"] == 0  # megatron's padding_mask: the router's z-loss skips these tokens
     if thd_available():
         psp = packed_seq_params(doc)
         output = model(tokens.reshape(1, -1), pos.reshape(1, -1), attention_mask=None, labels=labels.reshape(1, -1),
-                       loss_mask=weight.reshape(1, -1), packed_seq_params=psp)
+                       loss_mask=weight.reshape(1, -1), packed_seq_params=psp, padding_mask=outside.reshape(1, -1))
     else:
-        rope = getattr(_unwrap(model), "rotary_pos_emb", None)
-        if rope is not None:
-            rope.ling_positions = pos
-        try:
-            output = model(tokens, pos, attention_mask=document_attention_mask(doc), labels=labels, loss_mask=weight)
-        finally:
-            if rope is not None:
-                rope.ling_positions = None
+        with compat.rope_positions(getattr(_unwrap(model), "rotary_pos_emb", None), pos):
+            output = model(tokens, pos, attention_mask=document_attention_mask(doc), labels=labels, loss_mask=weight,
+                           padding_mask=outside)
     return output, partial(loss_func, b["loss_mask"], weight)

@@ -88,9 +88,12 @@ def _collate(samples):
     return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
 
 
-def packing_rank(ctx, parallel: dict, prefix: str, seq_length: int, mbs: dict, normalization: str):
+def packing_rank(ctx, parallel: dict, prefix: str, seq_length: int, mbs: dict, normalization: str,
+                 z_loss: float = 0.0, mtp: bool = True):
     """Same conversations packed and one per sequence, through megatron's schedule on one model:
-    per-rank {objective, lm loss, per-conversation means (unpacked), main_grads} for each."""
+    per-rank {objective, lm loss, per-conversation means (unpacked), main_grads} for each.
+    ``z_loss``: the router z-loss coefficient (over the assistant tokens, training/sft.py);
+    ``mtp=False``: ling-tiny without its MTP layer."""
     import numpy
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -100,18 +103,16 @@ def packing_rank(ctx, parallel: dict, prefix: str, seq_length: int, mbs: dict, n
     from megatron_ling.models.options import ModelOptions
     from megatron_ling.parallel.config import ParallelConfig
     from megatron_ling.training.setup import build_model, build_optimizer, init_model_parallel
-    from megatron_ling.training.sft import chat_forward_step, install_document_rope
+    from megatron_ling.training.sft import chat_forward_step
     from megatron_ling.training.step import run_forward_backward
 
     pc = ParallelConfig(**parallel).validate(ctx.world)
-    init_model_parallel(pc, 1234)
-    ling = get_preset("ling-tiny", initializer_range=0.1)
-    # z-loss is a mean over every position of a micro-batch (padding included) and the expert-bias
-    # update changes the model between the two runs: both off here (see docs/sft.md)
-    opts = ModelOptions(z_loss_coeff=0.0, expert_bias_update_rate=0.0)
+    ling = get_preset("ling-tiny", initializer_range=0.1, **({} if mtp else {"num_nextn_predict_layers": 0}))
+    init_model_parallel(pc, ling, 1234)
+    # the expert-bias update changes the model between the two runs: off here (see docs/sft.md)
+    opts = ModelOptions(z_loss_coeff=z_loss, expert_bias_update_rate=0.0)
     bundle = build_model(ling, pc, opts, tf_overrides={"calculate_per_token_loss": True}, init_seed=7)
     build_optimizer(bundle, pc, opts, lr=1e-3)
-    install_document_rope(bundle.chunks)
     ids = numpy.arange(len(IndexedDataset(prefix)))
     out = {}
     for packing in (True, False):
@@ -184,11 +185,10 @@ def megatron_assistant_loss_rank(ctx, ckpt_dir: str, prefix: str, seq_length: in
 
     from megatron_ling.convert.verify import load_megatron_model, single_process_megatron
     from megatron_ling.data.packing import ChatDataset
-    from megatron_ling.training.sft import chat_forward_step, install_document_rope
+    from megatron_ling.training.sft import chat_forward_step
 
     with single_process_megatron():
         _, model = load_megatron_model(ckpt_dir)
-        install_document_rope([model])
         ds = ChatDataset([prefix], numpy.arange(len(IndexedDataset(prefix))), seq_length, pad, packing=True)
         t = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad():
@@ -199,26 +199,25 @@ def megatron_assistant_loss_rank(ctx, ckpt_dir: str, prefix: str, seq_length: in
 
 
 def document_rope_rank(ctx):
+    """compat.rope_positions on a megatron-core RotaryEmbedding: per sample, the angles of its
+    position ids while active; 0..s-1 outside."""
     import torch
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    from megatron_ling.training.sft import install_document_rope
+    from megatron_ling import compat
 
-    class M(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rotary_pos_emb = RotaryEmbedding(kv_channels=16, rotary_percent=0.5, rotary_base=10000,
-                                                  use_cpu_initialization=True)
-
-    m = M()
-    full = m.rotary_pos_emb(10)
-    install_document_rope([m])
+    rope = RotaryEmbedding(kv_channels=16, rotary_percent=0.5, rotary_base=10000, use_cpu_initialization=True)
+    full = rope(10)
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 4], list(range(10))])
-    m.rotary_pos_emb.ling_positions = pos
-    got = m.rotary_pos_emb(10)
+    with compat.rope_positions(rope, pos):
+        got = rope(10)
     assert got.shape == (10, 2, 1, full.shape[-1])
     assert torch.equal(got[:, 0, 0], full[pos[0], 0, 0]) and torch.equal(got[:, 1, 0], full[:, 0, 0])
     assert not torch.equal(got[:, 0, 0], full[:, 0, 0])
-    m.rotary_pos_emb.ling_positions = None
-    assert torch.equal(m.rotary_pos_emb(10), full)
+    assert torch.equal(rope(10), full)
     return True
+
+
+def grad_rel_diff(a: dict, b: dict) -> float:
+    """Worst relative difference (norm) over the named gradients of two runs."""
+    return max(float((a[k] - g).norm() / g.norm().clamp(min=1e-30)) for k, g in b.items())
