@@ -61,7 +61,7 @@ CRASHES = {
 if "gloo_uneven_all_gather" in compat.PATCHES:  # the alltoall dispatcher with ETP > 1
     CRASHES["gloo_uneven_all_gather"] = (4, dict(tp=2, ep=2, moe_token_dispatcher="alltoall"), None,
                                          "ProcessGroupGloo::allgather: invalid tensor size")
-OTHERS = {"gloo_batched_p2p", "dist_opt_step_state", "ckpt_fork_queue", "gloo_shape_exchange", "document_rope",
+OTHERS = {"gloo_batched_p2p", "dist_opt_step_state", "ckpt_fork_queue", "gloo_shape_exchange",
           "expert_bias_padding_mask"}
 
 
@@ -181,26 +181,6 @@ def _chat_packing(tmp_path, exclude=frozenset(), **kw):
     return run_ranks(S.packing_rank, 1, dict(parallel={}, prefix=str(tmp_path / "c"), seq_length=160,
                                              mbs={"True": 1, "False": 1}, normalization="token", **kw),
                      compat_exclude=exclude, timeout_s=300, grace_s=3)[0]
-
-
-def test_document_rope_makes_packed_chat_samples_exact(tmp_path):
-    """Without it RoPE rotates every packed conversation at its offset in the sequence (megatron's
-    GPTModel ignores position_ids for RoPE): no error, but the packed batch's loss and gradients
-    differ from the same conversations run one per sequence."""
-    import torch
-
-    from tests.support import sft as S
-
-    def run(exclude):
-        out = _chat_packing(tmp_path, exclude)
-        loss = [torch.stack(out[p]["reports"]["lm loss"]).sum(0) for p in (True, False)]
-        return S.grad_rel_diff(out[True]["grads"], out[False]["grads"]), F.rel(float(loss[0][0]), float(loss[1][0]))
-
-    bad_grad, bad_loss = run({"document_rope"})
-    print(f"COMPAT document_rope: without it -> packed vs unpacked grads {bad_grad:.2e}, loss {bad_loss:.2e} (relative)")
-    assert bad_grad > 1e-3 and bad_loss > 1e-4
-    good_grad, good_loss = run(frozenset())
-    assert good_grad <= TOL and good_loss <= TOL, (good_grad, good_loss)
 
 
 def test_expert_bias_padding_mask_lets_chat_data_route(tmp_path):

@@ -303,8 +303,3 @@ def test_bad_sft_recipe_fields(override, field):
         load_recipe("quickstart", override).validate(2)
     assert str(e.value).startswith(field) and "\n" not in str(e.value)
 
-
-def test_document_rope_follows_position_ids():
-    """CPU path (compat's document_rope): a RotaryEmbedding under compat.rope_positions returns,
-    per sample, the angles of its position ids (in a harness rank: the patches are process-global)."""
-    assert run_ranks(S.document_rope_rank, 1, timeout_s=300) == [True]

@@ -8,9 +8,8 @@ has a test in ``tests/test_compat.py`` that fails without it.
 
 Each patch applies ``when`` its condition holds: ``"cpu"`` patches only where CUDA is absent (GPU
 clusters run megatron-core's CUDA paths unpatched), ``"no_te"`` patches wherever Transformer Engine
-(and with it Apex's fused kernels) is missing, GPU or not, ``"no_thd"`` wherever megatron-core's
-packed-sequence (THD) attention is unavailable (no Transformer Engine, or no CUDA), ``"always"``
-for a megatron-core bug on every device. ``install()`` is idempotent, and
+(and with it Apex's fused kernels) is missing, GPU or not, ``"always"`` for a megatron-core bug on every
+device. ``install()`` is idempotent, and
 ``install(exclude={"name"})`` leaves patches out (used by the tests to prove that each is needed).
 Call it in every process before building models or optimizers.
 
@@ -104,7 +103,7 @@ def clear_mtp_tracker() -> None:
 @dataclass(frozen=True)
 class Patch:
     name: str
-    when: str  # "cpu" | "no_te" | "no_thd" | "always"
+    when: str  # "cpu" | "no_te" | "always"
     site: str  # megatron-core file:line worked around (0.16.1 line numbers unless a version is named)
     why: str
     apply: Callable[[], None]
@@ -141,8 +140,6 @@ def condition_holds(when: str) -> bool:
         return not have_te()
     if when == "always":
         return True
-    if when == "no_thd":
-        return not (have_te() and torch.cuda.is_available())
     raise ValueError(when)
 
 
@@ -515,43 +512,6 @@ def _gloo_uneven_all_gather():
         return full[start: start + input_split_sizes[group.rank()]].contiguous()
 
     mp._gather_along_first_dim, mp._reduce_scatter_along_first_dim = gather, reduce_scatter
-
-
-# ------------------------------------------------------------------------ packed-document RoPE
-@_patch("document_rope", "no_thd",
-        "models/gpt/gpt_model.py:361-368 (0.16.1), :406-411 (0.19.2); "
-        "models/common/embeddings/rotary_pos_embedding.py:177-203 (RotaryEmbedding.forward, both)",
-        "GPTModel computes RoPE for positions 0..s-1 from the sequence length alone and ignores "
-        "position_ids (only the THD packed-sequence path, which needs TE on CUDA, restarts them per "
-        "document): without it packed chat samples on the local attention path are SILENTLY rotated "
-        "at their offset in the sequence instead of their position in their conversation")
-def _document_rope():
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-
-    table = RotaryEmbedding.forward  # lru-cached: [s, 1, 1, d] angles of positions 0..s-1
-
-    def forward(self, max_seq_len, *args, **kwargs):
-        emb = table(self, max_seq_len, *args, **kwargs)
-        pos = getattr(self, "_ling_positions", None)
-        if pos is None:
-            return emb
-        return emb[:, 0, 0, :][pos.t()].unsqueeze(2)  # [s, b, 1, d]: each sample's own positions
-
-    RotaryEmbedding.forward = forward
-
-
-@contextlib.contextmanager
-def rope_positions(rotary_pos_emb, position_ids):
-    """While active, ``rotary_pos_emb`` (a megatron-core RotaryEmbedding, or None) returns the
-    angles of ``position_ids`` [b, s] instead of 0..s-1 (the ``document_rope`` patch)."""
-    if rotary_pos_emb is None:
-        yield
-        return
-    rotary_pos_emb._ling_positions = position_ids
-    try:
-        yield
-    finally:
-        rotary_pos_emb._ling_positions = None
 
 
 @_patch("expert_bias_padding_mask", "always",

@@ -1,5 +1,5 @@
 """SFT forward step over chat samples (megatron_ling.data.packing): per-conversation attention,
-per-conversation RoPE positions, assistant-only loss with a chosen normalisation.
+assistant-only loss with a chosen normalisation.
 
 Two attention paths, chosen per process:
 
@@ -8,10 +8,11 @@ Two attention paths, chosen per process:
   cu_seqlens at every conversation (and padding) boundary; TE's fused attention and megatron's THD
   RoPE restart at each boundary. Not exercised by the CPU test suite (no TE / GPU there).
 * Otherwise (CPU, local specs): an explicit [b, 1, s, s] mask (True = masked) that is causal and
-  block-diagonal by ``doc_ids``, and RoPE angles gathered by ``position_ids``: megatron-core's
-  GPTModel computes RoPE for positions 0..s-1 and ignores ``position_ids`` (gpt_model.py:361-368 in
-  0.16.1, :406-411 in 0.19.2), so the compat patch ``document_rope`` with ``compat.rope_positions``
-  indexes each chunk's RoPE table by the positions of the micro-batch being run.
+  block-diagonal by ``doc_ids``. RoPE is left as megatron-core computes it, at positions 0..s-1 of
+  the packed sequence (GPTModel ignores ``position_ids`` for RoPE: gpt_model.py:361-368 in 0.16.1,
+  :406-411 in 0.19.2): a rotary score q_m . k_n depends on m - n only, and with attention inside a
+  conversation only, a conversation's offset in the sequence cancels. The packing-exactness test
+  holds this to 1e-5 (tests/test_sft.py).
 
 Z-loss (and the router's other per-token statistics: aux loss, expert-bias token counts) covers
 the tokens in the loss only: positions outside the assistant mask go to GPTModel as megatron-core's
@@ -35,10 +36,10 @@ import torch
 
 
 def thd_available() -> bool:
-    """Megatron-core's THD attention can run here (else the mask path with compat's document_rope)."""
-    from megatron_ling import compat
+    """Megatron-core's THD attention can run here (else the explicit-mask path)."""
+    from megatron_ling.models.megatron_config import te_available
 
-    return not compat.condition_holds("no_thd")
+    return te_available() and torch.cuda.is_available()
 
 
 def document_attention_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -65,12 +66,6 @@ def packed_seq_params(doc_ids: torch.Tensor):
                            max_seqlen_kv=max_len)
 
 
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def loss_func(loss_mask: torch.Tensor, loss_weight: torch.Tensor, output_tensor: torch.Tensor):
     losses = output_tensor.float().reshape(-1)
     w = loss_weight.reshape(-1).float()
@@ -84,8 +79,6 @@ def loss_func(loss_mask: torch.Tensor, loss_weight: torch.Tensor, output_tensor:
 
 def chat_forward_step(data_iterator, model):
     """Megatron forward_step_func for chat samples (see the module docstring)."""
-    from megatron_ling import compat
-
     batch = next(data_iterator)
     dev = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     b = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
@@ -96,7 +89,6 @@ def chat_forward_step(data_iterator, model):
         output = model(tokens.reshape(1, -1), pos.reshape(1, -1), attention_mask=None, labels=labels.reshape(1, -1),
                        loss_mask=weight.reshape(1, -1), packed_seq_params=psp, padding_mask=outside.reshape(1, -1))
     else:
-        with compat.rope_positions(getattr(_unwrap(model), "rotary_pos_emb", None), pos):
-            output = model(tokens, pos, attention_mask=document_attention_mask(doc), labels=labels, loss_mask=weight,
-                           padding_mask=outside)
+        output = model(tokens, pos, attention_mask=document_attention_mask(doc), labels=labels, loss_mask=weight,
+                       padding_mask=outside)
     return output, partial(loss_func, b["loss_mask"], weight)

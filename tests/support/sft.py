@@ -178,7 +178,7 @@ def hf_assistant_loss(hf_dir: str, prefix: str) -> tuple[float, int]:
 
 def megatron_assistant_loss_rank(ctx, ckpt_dir: str, prefix: str, seq_length: int, pad: int):
     """The same loss from the trained megatron checkpoint through the SFT path (packed samples,
-    per-conversation mask and RoPE), TP1, fp32."""
+    per-conversation mask), TP1, fp32."""
     import numpy
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -196,26 +196,6 @@ def megatron_assistant_loss_rank(ctx, ckpt_dir: str, prefix: str, seq_length: in
                 out, lf = chat_forward_step(iter([_collate([ds[i]])]), model)
                 t += lf(out)[2]["lm loss"].double()
     return float(t[0] / t[1]), int(t[1]), len(ds)
-
-
-def document_rope_rank(ctx):
-    """compat.rope_positions on a megatron-core RotaryEmbedding: per sample, the angles of its
-    position ids while active; 0..s-1 outside."""
-    import torch
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-
-    from megatron_ling import compat
-
-    rope = RotaryEmbedding(kv_channels=16, rotary_percent=0.5, rotary_base=10000, use_cpu_initialization=True)
-    full = rope(10)
-    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 4], list(range(10))])
-    with compat.rope_positions(rope, pos):
-        got = rope(10)
-    assert got.shape == (10, 2, 1, full.shape[-1])
-    assert torch.equal(got[:, 0, 0], full[pos[0], 0, 0]) and torch.equal(got[:, 1, 0], full[:, 0, 0])
-    assert not torch.equal(got[:, 0, 0], full[:, 0, 0])
-    assert torch.equal(rope(10), full)
-    return True
 
 
 def grad_rel_diff(a: dict, b: dict) -> float:
