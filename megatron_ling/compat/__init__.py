@@ -531,3 +531,27 @@ def _expert_bias_padding_mask():
         return orig(self, routing_map, padding_mask=padding_mask)
 
     TopKRouter._apply_expert_bias = apply_expert_bias
+
+
+@_patch("sp_padding_mask_later_stages", "always",
+        "models/gpt/gpt_model.py:314-320 (0.16.1), :352-358 (0.19.2) (GPTModel._preprocess)",
+        "the padding_mask is scattered to the sequence-parallel region only on the first pipeline "
+        "stage (the branch that runs the embedding); later stages hand the router the full [b, s] mask "
+        "against [s/tp, b] local tokens: a shape error at TP+SP x PP whenever GPTModel gets a "
+        "padding_mask (chat data passes one: training/sft.py)")
+def _sp_padding_mask_later_stages():
+    from megatron.core import tensor_parallel
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    orig = GPTModel._preprocess
+
+    def preprocess(self, input_ids, position_ids, decoder_input=None, inference_context=None,
+                   packed_seq_params=None, padding_mask=None):
+        if padding_mask is not None and self.config.sequence_parallel and not self.pre_process \
+                and decoder_input is None:  # scatter as the first stage does (its [b, s] -> [b, s/tp])
+            padding_mask = tensor_parallel.scatter_to_sequence_parallel_region(
+                padding_mask.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
+        return orig(self, input_ids, position_ids, decoder_input=decoder_input, inference_context=inference_context,
+                    packed_seq_params=packed_seq_params, padding_mask=padding_mask)
+
+    GPTModel._preprocess = preprocess

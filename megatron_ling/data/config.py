@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from megatron_ling.config_utils import check_fields, spec
 from megatron_ling.errors import LingConfigError
 
 # "98,2,0", "1", "99.5,0.5": one to three non-negative numbers separated by commas.
@@ -133,9 +134,9 @@ class DataConfig:
     create_attention_mask: bool = False
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
-    format: str = "text"
+    format: str = spec("text", choices=("text", "chat"))
     packing: bool = True
-    loss_normalization: str = "token"
+    loss_normalization: str = spec("token", choices=("token", "conversation"))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, prefix: str = "data") -> "DataConfig":
@@ -167,7 +168,6 @@ class DataConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise LingConfigError(f"{prefix}.{name}: expected an integer >= 0, got {v!r}")
         parse_split(self.split, f"{prefix}.split")
-        self._validate_format(prefix)
         if self.mock and self.paths is not None:
             raise LingConfigError(f"{prefix}.mock: mock data ignores {prefix}.paths; set one of them, not both")
         blend = parse_blend(self.paths, f"{prefix}.paths")
@@ -182,14 +182,11 @@ class DataConfig:
             if os.path.exists(self.cache_dir) and not os.path.isdir(self.cache_dir):
                 raise LingConfigError(f"{prefix}.cache_dir: {self.cache_dir!r} exists and is not a directory; "
                                       "point it at a (new or existing) directory")
+        check_fields(self, prefix)  # ranges and choices (spec); the exact types were checked above
+        self._validate_format(prefix)
         return self
 
     def _validate_format(self, prefix: str) -> None:
-        if self.format not in ("text", "chat"):
-            raise LingConfigError(f"{prefix}.format: must be text or chat, got {self.format!r}")
-        if self.loss_normalization not in ("token", "conversation"):
-            raise LingConfigError(f"{prefix}.loss_normalization: must be token or conversation, "
-                                  f"got {self.loss_normalization!r}")
         if self.format == "text":
             if not self.packing or self.loss_normalization != "token":
                 raise LingConfigError(f"{prefix}.packing/{prefix}.loss_normalization: only used with "
