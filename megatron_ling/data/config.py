@@ -188,9 +188,9 @@ class DataConfig:
 
     def _validate_format(self, prefix: str) -> None:
         if self.format == "text":
-            if not self.packing or self.loss_normalization != "token":
-                raise LingConfigError(f"{prefix}.packing/{prefix}.loss_normalization: only used with "
-                                      f"{prefix}.format: chat; remove them")
+            name = "packing" if not self.packing else "loss_normalization" if self.loss_normalization != "token" else None
+            if name:
+                raise LingConfigError(f"{prefix}.{name}: only used with {prefix}.format: chat; remove it")
             return
         if self.mock or self.paths is None:
             raise LingConfigError(f"{prefix}.paths: {prefix}.format: chat needs the prefixes written by "
