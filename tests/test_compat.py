@@ -62,7 +62,7 @@ if "gloo_uneven_all_gather" in compat.PATCHES:  # the alltoall dispatcher with E
     CRASHES["gloo_uneven_all_gather"] = (4, dict(tp=2, ep=2, moe_token_dispatcher="alltoall"), None,
                                          "ProcessGroupGloo::allgather: invalid tensor size")
 OTHERS = {"gloo_batched_p2p", "dist_opt_step_state", "ckpt_fork_queue", "gloo_shape_exchange",
-          "recompute_share_storage"}
+          "recompute_share_storage", "expert_bias_padding_mask", "sp_padding_mask_later_stages"}
 
 
 def test_every_patch_has_a_scenario():
@@ -170,3 +170,36 @@ def test_gptmodel_deprecation_notice_is_dropped_and_nothing_else(caplog):
         log.warning("something else")
     assert [r.getMessage() for r in caplog.records] == ["something else"]
     assert sum(isinstance(f, compat._DropGPTModelDeprecation) for f in log.filters) == 1
+
+
+def _chat_packing(tmp_path, exclude=frozenset(), world=1, parallel=None, **kw):
+    """tests.support.sft.packing_rank (rank 0's result) on 12 generated conversations: the same set
+    packed and one per sequence."""
+    from megatron_ling.data.chat import preprocess_chat
+    from tests.support import sft as S
+
+    if not (tmp_path / "c.bin").exists():
+        S.make_chat_tokenizer(str(tmp_path / "tok"))
+        S.write_conversations(str(tmp_path / "c.jsonl"), 12, seed=5)
+        preprocess_chat([str(tmp_path / "c.jsonl")], str(tmp_path / "c"), str(tmp_path / "tok"), 160, progress=False)
+    return run_ranks(S.packing_rank, world, dict(parallel=parallel or {}, prefix=str(tmp_path / "c"),
+                                                 seq_length=160, mbs={"True": 1, "False": 1}, normalization="token",
+                                                 **kw),
+                     compat_exclude=exclude, timeout_s=300, grace_s=3)[0]
+
+
+def test_expert_bias_padding_mask_lets_chat_data_route(tmp_path):
+    """Chat samples hand GPTModel a padding_mask (tokens outside the loss); with the expert bias on,
+    megatron-core's _apply_expert_bias broadcasts it against the expert dimension."""
+    _expect_failure("expert_bias_padding_mask", lambda: _chat_packing(tmp_path, {"expert_bias_padding_mask"}),
+                    "must match the size of tensor")
+    assert _chat_packing(tmp_path)[True]["reports"]
+
+
+def test_sp_padding_mask_later_stages_lets_chat_data_run_at_tp_sp_pp(tmp_path):
+    """At TP2+SP x PP2 the second stage's routers get megatron-core's unscattered [b, s] padding_mask
+    against s/2 local tokens. With the patch the same run is exact: test_sft.py's tp2sp-pp2 case."""
+    _expect_failure("sp_padding_mask_later_stages",
+                    lambda: _chat_packing(tmp_path, {"sp_padding_mask_later_stages"}, world=4,
+                                          parallel=dict(tp=2, sp=True, pp=2)),
+                    "must match the size of tensor")

@@ -8,7 +8,8 @@ has a test in ``tests/test_compat.py`` that fails without it.
 
 Each patch applies ``when`` its condition holds: ``"cpu"`` patches only where CUDA is absent (GPU
 clusters run megatron-core's CUDA paths unpatched), ``"no_te"`` patches wherever Transformer Engine
-(and with it Apex's fused kernels) is missing, GPU or not. ``install()`` is idempotent, and
+(and with it Apex's fused kernels) is missing, GPU or not, ``"always"`` for a megatron-core bug on every
+device. ``install()`` is idempotent, and
 ``install(exclude={"name"})`` leaves patches out (used by the tests to prove that each is needed).
 Call it in every process before building models or optimizers.
 
@@ -102,7 +103,7 @@ def clear_mtp_tracker() -> None:
 @dataclass(frozen=True)
 class Patch:
     name: str
-    when: str  # "cpu" | "no_te"
+    when: str  # "cpu" | "no_te" | "always"
     site: str  # megatron-core file:line worked around (0.16.1 line numbers unless a version is named)
     why: str
     apply: Callable[[], None]
@@ -137,6 +138,8 @@ def condition_holds(when: str) -> bool:
         return not torch.cuda.is_available()
     if when == "no_te":
         return not have_te()
+    if when == "always":
+        return True
     raise ValueError(when)
 
 
@@ -526,3 +529,46 @@ def _gloo_uneven_all_gather():
         return full[start: start + input_split_sizes[group.rank()]].contiguous()
 
     mp._gather_along_first_dim, mp._reduce_scatter_along_first_dim = gather, reduce_scatter
+
+
+@_patch("expert_bias_padding_mask", "always",
+        "transformer/moe/router.py:542 (0.16.1), :738 (0.19.2) (TopKRouter._apply_expert_bias)",
+        "`routing_map & (~padding_mask)` broadcasts the [tokens] padding mask against the last "
+        "(expert) dimension of the [tokens, experts] routing map: a shape error (or, with as many "
+        "tokens as experts, silently wrong expert-bias counts) whenever GPTModel gets a padding_mask "
+        "and the expert bias is on (chat data passes one: training/sft.py)")
+def _expert_bias_padding_mask():
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    orig = TopKRouter._apply_expert_bias
+
+    def apply_expert_bias(self, routing_map, padding_mask=None):
+        if padding_mask is not None:
+            padding_mask = padding_mask.reshape(-1, 1)  # one row per token, as routing_map
+        return orig(self, routing_map, padding_mask=padding_mask)
+
+    TopKRouter._apply_expert_bias = apply_expert_bias
+
+
+@_patch("sp_padding_mask_later_stages", "always",
+        "models/gpt/gpt_model.py:314-320 (0.16.1), :352-358 (0.19.2) (GPTModel._preprocess)",
+        "the padding_mask is scattered to the sequence-parallel region only on the first pipeline "
+        "stage (the branch that runs the embedding); later stages hand the router the full [b, s] mask "
+        "against [s/tp, b] local tokens: a shape error at TP+SP x PP whenever GPTModel gets a "
+        "padding_mask (chat data passes one: training/sft.py)")
+def _sp_padding_mask_later_stages():
+    from megatron.core import tensor_parallel
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    orig = GPTModel._preprocess
+
+    def preprocess(self, input_ids, position_ids, decoder_input=None, inference_context=None,
+                   packed_seq_params=None, padding_mask=None):
+        if padding_mask is not None and self.config.sequence_parallel and not self.pre_process \
+                and decoder_input is None:  # scatter as the first stage does (its [b, s] -> [b, s/tp])
+            padding_mask = tensor_parallel.scatter_to_sequence_parallel_region(
+                padding_mask.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
+        return orig(self, input_ids, position_ids, decoder_input=decoder_input, inference_context=inference_context,
+                    packed_seq_params=packed_seq_params, padding_mask=padding_mask)
+
+    GPTModel._preprocess = preprocess

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from megatron_ling.config_utils import check_fields, spec
 from megatron_ling.errors import LingConfigError
 
 # "98,2,0", "1", "99.5,0.5": one to three non-negative numbers separated by commas.
@@ -114,6 +115,12 @@ class DataConfig:
     create_attention_mask: materialise a [1, s, s] causal mask per sample (not needed when the
         attention implementation builds the causal mask itself).
     reset_position_ids / reset_attention_mask: restart positions / attention at every EOD.
+    format: "text" (ling-preprocess documents, GPTDataset) or "chat" (ling-preprocess --format chat:
+        conversations with an assistant-only loss mask; see megatron_ling.data.packing).
+    packing: chat only: several whole conversations per sequence (attention and positions restart
+        per conversation); false = one conversation per sequence, padded.
+    loss_normalization: chat only: "token" (mean over every assistant token of the global batch,
+        as Megatron-Bridge) or "conversation" (mean of per-conversation means).
     """
 
     paths: list[str] | None = None
@@ -127,6 +134,9 @@ class DataConfig:
     create_attention_mask: bool = False
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
+    format: str = spec("text", choices=("text", "chat"))
+    packing: bool = True
+    loss_normalization: str = spec("token", choices=("token", "conversation"))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, prefix: str = "data") -> "DataConfig":
@@ -150,7 +160,7 @@ class DataConfig:
     def validate(self, prefix: str = "data") -> "DataConfig":
         """Raise LingConfigError (one line, names the field and the fix) on the first problem."""
         for name in ("mock", "eod_mask_loss", "create_attention_mask", "reset_position_ids",
-                     "reset_attention_mask"):
+                     "reset_attention_mask", "packing"):
             if not isinstance(getattr(self, name), bool):
                 raise LingConfigError(f"{prefix}.{name}: expected true or false, got {getattr(self, name)!r}")
         for name in ("num_workers", "seed"):
@@ -172,7 +182,26 @@ class DataConfig:
             if os.path.exists(self.cache_dir) and not os.path.isdir(self.cache_dir):
                 raise LingConfigError(f"{prefix}.cache_dir: {self.cache_dir!r} exists and is not a directory; "
                                       "point it at a (new or existing) directory")
+        check_fields(self, prefix)  # ranges and choices (spec); the exact types were checked above
+        self._validate_format(prefix)
         return self
+
+    def _validate_format(self, prefix: str) -> None:
+        if self.format == "text":
+            name = "packing" if not self.packing else "loss_normalization" if self.loss_normalization != "token" else None
+            if name:
+                raise LingConfigError(f"{prefix}.{name}: only used with {prefix}.format: chat; remove it")
+            return
+        if self.mock or self.paths is None:
+            raise LingConfigError(f"{prefix}.paths: {prefix}.format: chat needs the prefixes written by "
+                                  "`ling-preprocess --format chat` (no mock or quick-start data)")
+        if parse_blend(self.paths, f"{prefix}.paths")[1] is not None:
+            raise LingConfigError(f"{prefix}.paths: weighted blends are not supported for chat data; list the "
+                                  "prefixes (their conversations are pooled)")
+        for name in ("eod_mask_loss", "reset_position_ids", "reset_attention_mask", "create_attention_mask"):
+            if getattr(self, name):
+                raise LingConfigError(f"{prefix}.{name}: not used with {prefix}.format: chat (masks and positions "
+                                      "come from the conversations); remove it")
 
 
 def _check_prefix(p: str, field: str) -> None:

@@ -28,7 +28,7 @@ from megatron_ling.errors import LingConfigError
 # stored by ling-preprocess are >= 0 (uint16/int32 of tokenizer ids), so -1 marks padding only.
 _PAD_SENTINEL = -1
 
-BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask")
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask", "loss_weight", "doc_ids")
 
 
 class LingGPTDataset(GPTDataset):

@@ -129,11 +129,13 @@ def train_step(bundle, optimizer, microbatches: list, seq_length: int, micro_bat
 
 
 @torch.no_grad()
-def eval_step(bundle, microbatches: list, seq_length: int, micro_batch_size: int) -> float:
+def eval_step(bundle, microbatches: list, seq_length: int, micro_batch_size: int,
+              step_fn: Callable = forward_step) -> float:
     for c in bundle.chunks:
         c.eval()
     try:
-        out = run_forward_backward(bundle, microbatches, seq_length, micro_batch_size, forward_only=True)
+        out = run_forward_backward(bundle, microbatches, seq_length, micro_batch_size, forward_only=True,
+                                   step_fn=step_fn)
     finally:
         for c in bundle.chunks:
             c.train()

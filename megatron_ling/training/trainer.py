@@ -12,7 +12,7 @@ import re
 import signal
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -59,6 +59,13 @@ def preflight(recipe: Recipe, world_size: int):
             raise LingConfigError(
                 f"model.overrides.vocab_size: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                 f"vocab_size is {ling.vocab_size}; set model.overrides.vocab_size >= {tokenizer.vocab_size}")
+    if data_cfg.format == "chat":
+        from megatron_ling.data.packing import check_chat_data
+
+        if recipe.parallel.cp > 1:
+            raise LingConfigError("parallel.cp: chat data (packed conversations) does not support context "
+                                  "parallelism yet; set cp: 1")
+        check_chat_data(data_cfg, tokenizer, recipe.training.seq_length)
     return ling, data_cfg, tokenizer
 
 
@@ -170,6 +177,7 @@ class Session:
     num_microbatches: int
     iteration: int  # the iteration the run resumes after (0: a fresh start)
     resumed: Optional[dict] = None  # common state of the checkpoint loaded (with "loaded_optimizer"), if any
+    step_fn: Optional[Callable] = None  # megatron forward_step_func: step.forward_step, or sft.chat_forward_step
 
     def next_microbatches(self) -> list:
         """This rank's micro-batches of the next global batch."""
@@ -182,7 +190,10 @@ class Session:
 
         t = self.recipe.training
         return train_step(self.bundle, self.optimizer, microbatches, t.seq_length, t.micro_batch_size,
-                          lr_scheduler=self.scheduler)
+                          lr_scheduler=self.scheduler, **self._step_fn())
+
+    def _step_fn(self) -> dict:
+        return {"step_fn": self.step_fn} if self.step_fn is not None else {}
 
 
 def setup(recipe: Recipe) -> Session:
@@ -206,7 +217,10 @@ def setup(recipe: Recipe) -> Session:
     rank = torch.distributed.get_rank()
     init_model_parallel(recipe.parallel, ling, recipe.model.seed)
     opts = recipe.model.options()
-    bundle = build_model(ling, recipe.parallel, opts)
+    chat = data_cfg.format == "chat"
+    # chat: loss sums / weight sums over the global batch (see training/sft.py)
+    bundle = build_model(ling, recipe.parallel, opts, tf_overrides={
+        "calculate_per_token_loss": recipe.training.calculate_per_token_loss or chat})
     o = recipe.optimizer
     optimizer = build_optimizer(bundle, recipe.parallel, opts, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
                                 adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
@@ -216,9 +230,15 @@ def setup(recipe: Recipe) -> Session:
         _write_recipe(recipe)
     iteration, consumed, resumed = _resume(recipe, ling, bundle, optimizer, scheduler, rank)
     data, evaluator = _build_data(recipe, data_cfg, tokenizer, consumed)
+    step_fn = None
+    if chat:
+        from megatron_ling.training.sft import chat_forward_step
+
+        step_fn = chat_forward_step
     return Session(recipe=recipe, ling=ling, world=world, rank=rank, bundle=bundle, optimizer=optimizer,
                    scheduler=scheduler, data=data, evaluator=evaluator,
-                   num_microbatches=recipe.num_microbatches(world), iteration=iteration, resumed=resumed)
+                   num_microbatches=recipe.num_microbatches(world), iteration=iteration, resumed=resumed,
+                   step_fn=step_fn)
 
 
 def _write_recipe(recipe: Recipe) -> None:
@@ -267,14 +287,15 @@ def _build_data(recipe: Recipe, data_cfg, tokenizer, consumed: int):
     from megatron.core import parallel_state as ps
 
     from megatron_ling.data.datasets import build_datasets, get_batch_iterator
+    from megatron_ling.data.packing import build_chat_datasets
 
     t = recipe.training
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     n_eval = 0
     if t.eval_interval:
         n_eval = (t.train_iters // t.eval_interval + 1) * t.eval_iters * t.global_batch_size
-    train_ds, valid_ds, _ = build_datasets(data_cfg, tokenizer, t.seq_length,
-                                           (t.train_iters * t.global_batch_size, n_eval or None, None))
+    train_ds, valid_ds, _ = (build_chat_datasets if data_cfg.format == "chat" else build_datasets)(
+        data_cfg, tokenizer, t.seq_length, (t.train_iters * t.global_batch_size, n_eval or None, None))
     data = get_batch_iterator(train_ds, t.micro_batch_size, consumed, dp_rank, dp_size, data_cfg.num_workers)
     evaluator = _EvalData(valid_ds, recipe, dp_rank, dp_size) if (t.eval_interval and valid_ds is not None) else None
     return data, evaluator
@@ -344,7 +365,8 @@ def run(session: Session) -> TrainResult:
                 logger.log(iteration, scalars, moe)
                 losses.append((iteration, r.lm_loss))
             if s.evaluator is not None and iteration % t.eval_interval == 0:
-                ev = eval_step(bundle, s.evaluator.batches(nmb * t.eval_iters, 0), t.seq_length, t.micro_batch_size)
+                ev = eval_step(bundle, s.evaluator.batches(nmb * t.eval_iters, 0), t.seq_length, t.micro_batch_size,
+                               **s._step_fn())
                 logger.log(iteration, {"eval_lm_loss": ev})
             if stop.agreed():
                 reason = "preempted"
