@@ -14,6 +14,7 @@ import argparse
 import re
 import sys
 
+from megatron_ling.config_utils import cli_int
 from megatron_ling.errors import LingConfigError, cli_main
 
 
@@ -67,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("verify", help="max |delta logits| between a checkpoint and an HF directory")
     c.add_argument("ckpt_dir")
     c.add_argument("hf_dir")
-    c.add_argument("--seq-len", type=int, default=32)
-    c.add_argument("--batch", type=int, default=2)
+    c.add_argument("--seq-len", type=cli_int(1), default=32)
+    c.add_argument("--batch", type=cli_int(1), default=2)
     c.add_argument("--tol", type=float, default=None, help="exit 1 if max |delta| exceeds this")
     c.add_argument("--no-verify-checksums", action="store_true", help="skip the checksums.json check")
     return p

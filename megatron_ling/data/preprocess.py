@@ -15,6 +15,7 @@ from typing import Iterator
 
 import numpy
 
+from megatron_ling.config_utils import check_output_path
 from megatron_ling.errors import LingConfigError
 
 # Batch of documents handed to a tokenizer worker at a time.
@@ -93,6 +94,7 @@ def _worker_encode(texts: list[str]) -> list[list[int]]:
 def check_output_prefix(output_prefix: str, force: bool) -> None:
     if not output_prefix or output_prefix.endswith((".bin", ".idx")):
         raise LingConfigError(f"--output-prefix: give a path prefix without .bin/.idx, got {output_prefix!r}")
+    check_output_path(os.path.dirname(os.path.abspath(output_prefix)), "--output-prefix")
     existing = [output_prefix + e for e in (".bin", ".idx") if os.path.exists(output_prefix + e)]
     if existing and not force:
         raise LingConfigError(f"--output-prefix: {existing[0]} already exists; pass --force to overwrite "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_ling.config_utils import cli_int
 from megatron_ling.errors import LingConfigError, cli_main
 from megatron_ling.merge.coefficients import SHAPES
 
@@ -22,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="checkpoint directories (every iter_* inside) and/or iter_* directories")
     p.add_argument("--out", default=None, help="output directory (required unless --dry-run)")
-    p.add_argument("--last", type=int, default=None, help="merge the newest K checkpoints (evenly spaced)")
+    p.add_argument("--last", type=cli_int(1), default=None, help="merge the newest K checkpoints (evenly spaced)")
     p.add_argument("--iterations", type=int, nargs="+", default=None, help="merge exactly these iterations")
     p.add_argument("--shape", default="1-sqrt", choices=SHAPES, help="decay to emulate (default 1-sqrt, the "
                    "paper's best)")
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the checkpoints and coefficients, write nothing")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=cli_int(1), default=1,
                    help="worker processes, each writing whole output files (default 1; --hf: 1 only)")
     p.add_argument("--file-size", default="5GB", help="max bytes per output .distcp file (default 5GB)")
     p.add_argument("--no-verify-checksums", action="store_true",
