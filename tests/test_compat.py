@@ -203,3 +203,47 @@ def test_sp_padding_mask_later_stages_lets_chat_data_run_at_tp_sp_pp(tmp_path):
                     lambda: _chat_packing(tmp_path, {"sp_padding_mask_later_stages"}, world=4,
                                           parallel=dict(tp=2, sp=True, pp=2)),
                     "must match the size of tensor")
+
+
+_SHARE_STORAGE_PROBE = r"""
+import torch
+import torch.utils.cpp_extension
+from megatron.core.tensor_parallel import random as mr
+from megatron_ling import compat
+
+def no_compiling(*a, **k):
+    raise RuntimeError("COMPILES " + k.get("name", "?"))
+
+mr.load_inline = no_compiling  # what megatron-core calls at the first selective-recompute backward
+try:
+    mr._get_share_storage()
+    print("unpatched: no extension")
+except RuntimeError as e:
+    print("unpatched:", e)
+compat.PATCHES["recompute_share_storage"].apply()
+share = mr._get_share_storage()
+out = torch.arange(6.0)
+view = out.view(2, 3)
+out.untyped_storage().resize_(0)  # megatron frees the checkpointed output's storage
+share(out, torch.arange(6.0) * 2)
+print("patched:", view.flatten().tolist())
+"""
+
+
+def test_recompute_share_storage_replaces_the_compiled_extension():
+    """On 0.19 selective recompute JIT-compiles a C++ extension (load_inline, minutes on this CPU;
+    a rank killed while compiling leaves a lock that hangs every later run): without the patch the
+    first backward compiles; with it, the freed output storage is refilled in place, so views of the
+    output see the recomputed values, as the extension's pointer swap does. 0.16 has no extension."""
+    import subprocess
+    import sys
+
+    from megatron.core.tensor_parallel import random as mr
+
+    if not hasattr(mr, "_get_share_storage"):
+        assert not compat.PATCHES["recompute_share_storage"].applies_to_installed()
+        return
+    r = subprocess.run([sys.executable, "-c", _SHARE_STORAGE_PROBE], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "unpatched: COMPILES share_storage_ext" in r.stdout, r.stdout
+    assert "patched: [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]" in r.stdout, r.stdout
