@@ -34,7 +34,17 @@ def test_example_validates_at_its_named_size(path, tmp_path):
     get_preset("ling-mini-2.0").save_hf_config(str(hf / "config.json"))
     (tmp_path / "resume").mkdir()
     text = open(path).read()
-    over = [f"run_dir={tmp_path / 'run'}", "data.mock=true", "data.paths=null", "data.tokenizer=null"]
+    if re.search(r"^  format: chat", text, re.M):  # chat data cannot be mocked: a small real chat prefix
+        from megatron_ling.data.chat import preprocess_chat
+        from tests.support import sft as S
+
+        tok = S.make_chat_tokenizer(str(tmp_path / "tok"))
+        S.write_conversations(str(tmp_path / "chats.jsonl"), 8, seed=0)
+        prefix = preprocess_chat([str(tmp_path / "chats.jsonl")], str(tmp_path / "chats"), tok, 256,
+                                 progress=False).prefix
+        over = [f"run_dir={tmp_path / 'run'}", f"data.paths=[{prefix}]", f"data.tokenizer={tok}"]
+    else:
+        over = [f"run_dir={tmp_path / 'run'}", "data.mock=true", "data.paths=null", "data.tokenizer=null"]
     if "hf_config:" in text:
         over.append(f"model.hf_config={hf}")
     if re.search(r"^  resume: /", text, re.M):
