@@ -34,6 +34,10 @@ def _where(iter_dir, kind):
     if kind in ("weight", "moment"):
         rel, off, ln = _tensor_span(iter_dir, "embedding.word_embeddings" if kind == "weight" else "optimizer.state.exp_avg")
         return os.path.join(iter_dir, rel), off + ln - 64  # inside the tensor's bytes, before the zip trailer
+    if kind == "common" and not os.path.exists(os.path.join(iter_dir, "common.pt")):
+        # megatron-core 0.19 keeps the common state as the ShardedObject common_state in a .distcp
+        rel, off, ln = _tensor_span(iter_dir, "common_state")
+        return os.path.join(iter_dir, rel), off + ln // 2
     name = {"common": "common.pt", "metadata": ".metadata"}[kind]
     return os.path.join(iter_dir, name), os.path.getsize(os.path.join(iter_dir, name)) // 2
 
@@ -42,7 +46,8 @@ def test_a_save_writes_a_manifest_of_every_file(trained):
     d = iteration_dir(ckpts(trained), 4)
     m = json.load(open(os.path.join(d, manifest.MANIFEST)))
     assert m["algorithm"] == "crc32" and sorted(m["files"]) == manifest.checkpoint_files(d)
-    assert {".metadata", "common.pt", "metadata.json"} <= set(m["files"])
+    common = {"common.pt"} if os.path.exists(os.path.join(d, "common.pt")) else set()  # 0.19: in a .distcp
+    assert {".metadata", "metadata.json"} | common <= set(m["files"])
     assert manifest.verify(d) is None
 
 

@@ -128,7 +128,7 @@ def test_missing_recipe_file(capsys):
     from megatron_ling.training.cli import main
 
     assert main(["--config", "/nonexistent/recipe.yaml"]) == 2
-    assert capsys.readouterr().err.strip() == "error: --config: recipe file /nonexistent/recipe.yaml not found"
+    assert capsys.readouterr().err.strip() == "error: --config: /nonexistent/recipe.yaml not found; check the path"
 
 
 def test_lr_schedules():

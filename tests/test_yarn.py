@@ -88,9 +88,20 @@ def test_other_scaling_is_refused_in_one_line(rs, field):
 
 def test_calibration_runs_with_yarn(tmp_path):
     """ling-plan calibrate times the real layers of a YaRN model (its rotary module returns
-    (embedding, mscale), not a tensor)."""
-    from megatron_ling.profiling.driver import calibrate_local
+    (embedding, mscale), not a tensor). Run as the user runs it, in its own process: forking this
+    test process, which has run torch's thread pools, can hang the child."""
+    import os
+    import subprocess
+    import sys
 
-    cfg = BASE.replace(rope_scaling=CASES["factor_only"]).validate()
-    cal = calibrate_local(cfg, 64, 1, str(tmp_path / "cal.json"), reps=1)
+    from megatron_ling.pipeline.costmodel import Calibration
+
+    BASE.replace(rope_scaling=CASES["factor_only"]).validate().save_hf_config(str(tmp_path / "config.json"))
+    out = str(tmp_path / "cal.json")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "megatron_ling.profiling.plan_cli", "calibrate", "--hf-config",
+                        str(tmp_path / "config.json"), "--seq-length", "64", "--mbs", "1", "--reps", "1", "--out", out],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=root))
+    assert r.returncode == 0, r.stderr[-2000:]
+    cal = Calibration.load(out)
     assert {"E", "D", "M", "L"} <= set(cal.units) and all(u["fwd_s"] > 0 for u in cal.units.values())

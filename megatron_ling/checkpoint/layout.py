@@ -165,6 +165,18 @@ def write_common_state(iter_dir: str, common: dict) -> None:
     torch.save(common, os.path.join(iter_dir, COMMON_STATE))
 
 
+def has_common_state(d: str) -> bool:
+    """Whether iteration dir ``d`` holds its common state: ``common.pt`` (megatron-core 0.16.1, the
+    converter) or the ``common_state`` object listed in ``.metadata`` (0.19)."""
+    if os.path.isfile(os.path.join(d, COMMON_STATE)):
+        return True
+    if not os.path.isfile(os.path.join(d, ".metadata")):
+        return False
+    from megatron_ling.checkpoint.metadata import read_metadata
+
+    return any(k.split("/")[0] == "common_state" for k in read_metadata(d).state_dict_metadata)
+
+
 def read_common_state(path: str) -> dict:
     """The common (non-sharded) state of the checkpoint ``path`` resolves to ({} if it has none),
     loaded with weights_only=True (plain data only, never arbitrary pickles).
@@ -186,8 +198,10 @@ def _read_common_state_object(d: str) -> dict:
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
     from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
+    from megatron_ling.checkpoint.metadata import read_metadata
+
     reader = FileSystemReader(d)
-    md = reader.read_metadata()
+    md = read_metadata(d)  # the allow-list reader: .metadata is a pickle
     keys = [k for k, v in md.state_dict_metadata.items()
             if isinstance(v, BytesStorageMetadata) and k.split("/")[0] == "common_state"]
     if not keys:

@@ -128,13 +128,16 @@ def verify_checkpoint(path: str) -> None:
 def _check_readable(path: str) -> None:
     """A missing common state or an unreadable file is one line here, not a megatron traceback.
     No silent fallback to an older checkpoint: the user decides whether to lose those iterations."""
-    if not os.path.isfile(os.path.join(path, layout.COMMON_STATE)):
-        raise LingConfigError(f"checkpoint.resume: {path} has no {layout.COMMON_STATE} (incomplete copy?); copy it "
-                              f"again, or resume from an earlier iter_* directory (checkpoint.resume=PATH)")
-    for name in manifest.checkpoint_files(path):
+    if not layout.has_common_state(path):
+        raise LingConfigError(f"checkpoint.resume: {path} has no {layout.COMMON_STATE} or common_state object "
+                              f"(incomplete copy?); copy it again, or resume from an earlier iter_* directory "
+                              f"(checkpoint.resume=PATH)")
+    # every file the checkpoint references (its .metadata names each data file), present or not
+    needed = {i.relative_path for i in read_metadata(path).storage_data.values()}
+    for name in sorted(needed | set(manifest.checkpoint_files(path))):
         if not os.access(os.path.join(path, name), os.R_OK):
-            raise LingConfigError(f"checkpoint.resume: {os.path.join(path, name)} is not readable; fix its "
-                                  f"permissions, or resume from an earlier iter_* directory (checkpoint.resume=PATH)")
+            raise LingConfigError(f"checkpoint.resume: {os.path.join(path, name)} is missing or not readable; fix "
+                                  f"it, or resume from an earlier iter_* directory (checkpoint.resume=PATH)")
 
 
 def _check_optimizer_reshard(saved: dict, parallel) -> None:

@@ -54,9 +54,13 @@ def init_single_process(cpu_threads: Optional[int] = 1) -> None:
 
     prepare_process(cpu_threads=cpu_threads)
     if not torch.distributed.is_initialized():
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-        init_distributed(timeout_s=120)
+        # an explicit tcp:// rendezvous, not RANK/WORLD_SIZE in os.environ: those would outlive the
+        # group and make this process (a test run, a notebook) look like rank 0 of a 1-process launch
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(0)
+        torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                                             world_size=1, timeout=datetime.timedelta(seconds=120))
 
 
 def init_model_parallel(parallel: ParallelConfig, ling: LingConfig, seed: int = 1234) -> None:
