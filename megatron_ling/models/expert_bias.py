@@ -54,8 +54,16 @@ class ExpertLoadStats:
 
 
 def _router_name(r) -> str:
+    """``layer<N>`` with N the 1-based global layer number, MTP layer j being N = num_layers + j.
+    megatron-core 0.19 numbers MTP inner layers from 1 (transformer_layer.py:343) and marks their
+    routers ``is_mtp_layer``; its own aux-loss tracker adds num_layers back (router.py:591), as here,
+    so MTP never shares a name with decoder layer j. 0.16 gives MTP the global number already."""
     layer = getattr(r, "layer_number", None)
-    return f"layer{layer}" if layer is not None else "router"
+    if layer is None:
+        return "router"
+    if getattr(r, "is_mtp_layer", False):
+        layer += r.config.num_layers
+    return f"layer{layer}"
 
 
 def make_finalize_model_grads(zero_mean: bool, stats: Optional[ExpertLoadStats] = None,
