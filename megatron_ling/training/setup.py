@@ -31,19 +31,24 @@ def prepare_process(cpu_threads: Optional[int] = None) -> None:
             torch.set_num_threads(cpu_threads)
 
 
-def init_distributed(timeout_s: int = 600) -> None:
-    """torch.distributed from the launcher's env (RANK, WORLD_SIZE, MASTER_ADDR/PORT): NCCL on
-    GPUs, gloo on the CPU. A no-op when already initialised."""
-    if torch.distributed.is_initialized():
-        return
+def _init_group(rank: int, world_size: int, local_rank: int, timeout_s: int, init_method: Optional[str] = None) -> None:
+    """The one place torch.distributed is initialised: NCCL on GPUs (this rank's device), gloo on the CPU."""
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_rank)
+    torch.distributed.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                         timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def init_distributed(timeout_s: int = 600) -> None:
+    """torch.distributed from the launcher's env (RANK, WORLD_SIZE, MASTER_ADDR/PORT). A no-op when
+    already initialised."""
+    if torch.distributed.is_initialized():
+        return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
-    torch.distributed.init_process_group(
-        backend, rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")),
-        timeout=datetime.timedelta(seconds=timeout_s))
+    _init_group(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                int(os.environ.get("LOCAL_RANK", "0")), timeout_s)
 
 
 def init_single_process(cpu_threads: Optional[int] = 1) -> None:
@@ -56,11 +61,7 @@ def init_single_process(cpu_threads: Optional[int] = 1) -> None:
     if not torch.distributed.is_initialized():
         # an explicit tcp:// rendezvous, not RANK/WORLD_SIZE in os.environ: those would outlive the
         # group and make this process (a test run, a notebook) look like rank 0 of a 1-process launch
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(0)
-        torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                                             world_size=1, timeout=datetime.timedelta(seconds=120))
+        _init_group(0, 1, 0, 120, init_method=f"tcp://127.0.0.1:{free_port()}")
 
 
 def init_model_parallel(parallel: ParallelConfig, ling: LingConfig, seed: int = 1234) -> None:
