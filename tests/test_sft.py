@@ -195,24 +195,30 @@ def _compare(out, normalization):
     (dict(), 1, "token", 0.0), (dict(), 1, "conversation", 0.0), (dict(), 1, "token", 1e-2),
     (dict(tp=2, sp=True), 2, "token", 0.0), (dict(pp=2), 2, "conversation", 0.0),
     (dict(tp=2, sp=True, pp=2), 4, "token", 0.0),
+    (dict(pp=2, vpp=2), 2, "conversation", 0.0),
     (dict(ep=2), 2, "token", 1e-2), (dict(distributed_optimizer=True), 2, "token", 0.0)],
-    ids=["tp1", "tp1-conv", "tp1-zloss", "tp2sp", "pp2", "tp2sp-pp2", "ep2-zloss", "dp2-distopt"])
+    ids=["tp1", "tp1-conv", "tp1-zloss", "tp2sp", "pp2", "tp2sp-pp2", "pp2-vpp2", "ep2-zloss", "dp2-distopt"])
 def test_packed_batch_equals_one_conversation_per_sequence(chat_prefix, parallel, world, normalization, z_loss):
     """With z-loss on, the router's z-loss covers the assistant tokens only (training/sft.py), so
     it too is the same packed and unpacked; those cases run without MTP: megatron-core 0.16.1's MTP
     block takes no padding_mask (multi_token_prediction.py; 0.19.2 rolls and passes it), so the MTP
     layer's z-loss still averages every position (docs/sft.md). DP2: each rank runs the whole set
-    (grads reduced over DP are then equal on both sides)."""
+    (grads reduced over DP are then equal on both sides). PP2-VPP2: megatron's interleaved
+    schedule, each rank holding two chunks (the chat batch goes through every virtual stage)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    n_conv = len(IndexedDataset(chat_prefix))
     out = run_ranks(S.packing_rank, world, dict(parallel=parallel, prefix=chat_prefix, seq_length=SEQ,
                                                 mbs={"True": 1, "False": 1}, normalization=normalization,
                                                 z_loss=z_loss, mtp=not z_loss),
                     timeout_s=600)
+    n_conv = len(IndexedDataset(chat_prefix))
     for r in range(world):
+        assert out[r]["chunks"] == parallel.get("vpp", 1)
+        used = out[r]["conversations"]  # all of them, or under VPP a prefix fitting the schedule
+        assert used == n_conv or (parallel.get("vpp", 1) > 1 and used >= n_conv // 2), (used, n_conv)
+        print(f"rank {r}: {used} of {n_conv} conversations")
         if out[r][False]["reports"]:
-            assert len(out[r][False]["reports"]["lm loss"]) == n_conv
+            assert len(out[r][False]["reports"]["lm loss"]) == used
             _compare(out[r], normalization)
         else:  # a pipeline stage without the loss: grads only
             worst = S.grad_rel_diff(out[r][True]["grads"], out[r][False]["grads"])

@@ -93,7 +93,9 @@ def packing_rank(ctx, parallel: dict, prefix: str, seq_length: int, mbs: dict, n
     """Same conversations packed and one per sequence, through megatron's schedule on one model:
     per-rank {objective, lm loss, per-conversation means (unpacked), main_grads} for each.
     ``z_loss``: the router z-loss coefficient (over the assistant tokens, training/sft.py);
-    ``mtp=False``: ling-tiny without its MTP layer."""
+    ``mtp=False``: ling-tiny without its MTP layer. Under VPP megatron's interleaved schedule
+    needs the micro-batch count to be a multiple of PP on both sides, so the test uses the
+    longest prefix of the conversations for which it is (``out["conversations"]``)."""
     import numpy
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -114,7 +116,12 @@ def packing_rank(ctx, parallel: dict, prefix: str, seq_length: int, mbs: dict, n
     bundle = build_model(ling, pc, opts, tf_overrides={"calculate_per_token_loss": True}, init_seed=7)
     build_optimizer(bundle, pc, opts, lr=1e-3)
     ids = numpy.arange(len(IndexedDataset(prefix)))
-    out = {}
+    if (pc.vpp or 1) > 1:
+        def fits(k):
+            return all(len(ChatDataset([prefix], ids[:k], seq_length, 0, packing=p)) % (pc.pp * mbs[str(p)]) == 0
+                       for p in (True, False))
+        ids = ids[:max(k for k in range(1, len(ids) + 1) if fits(k))]
+    out = {"conversations": len(ids), "chunks": len(bundle.chunks)}
     for packing in (True, False):
         ds = ChatDataset([prefix], ids, seq_length, 0, packing=packing, loss_normalization=normalization)
         n = mbs[str(packing)]
