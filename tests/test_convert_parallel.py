@@ -200,6 +200,19 @@ def test_ranks_split_the_plan_and_a_rerun_redoes_only_missing_units(hf_dir, tmp_
         assert r.run.finalized == (rank == 0)
     assert_identical(ref_hf, out_hf)
     assert leftovers(str(tmp_path)) == []
+    # more ranks than units: a rank with an empty share succeeds and touches nothing, also when it
+    # starts after the others have published (a Slurm array task scheduled last)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    before = {p: os.path.getmtime(os.path.join(out_hf, p)) for p in os.listdir(out_hf)}
+    idle = to_hf(out, out_hf, shard_size=SHARD, show_progress=False, rank=99, world_size=100)
+    assert not idle.run.finalized and idle.run.ran == [] and idle.run.missing is None
+    assert "this rank has no units" in P.summary("to-hf", idle.run, 0, 0, 1)
+    assert {p: os.path.getmtime(os.path.join(out_hf, p)) for p in os.listdir(out_hf)} == before
+    assert leftovers(str(tmp_path)) == []
+    # the other ranks of such a plan still refuse an existing output
+    with pytest.raises(LingConfigError, match="already exists"):
+        to_hf(out, out_hf, shard_size=SHARD, show_progress=False, rank=0, world_size=100)
 
 
 def test_bad_workers_and_rank_are_one_line_errors(hf_dir, tmp_path, capsys):

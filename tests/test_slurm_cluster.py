@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -306,29 +307,65 @@ def test_kill_during_checkpoint_save_resumes_from_previous_complete(reference_ru
     assert_matches_reference(second, metrics(reference_run["run_dir"]), "run resumed after the kill")
 
 
+def _sbatch_convert(tmp_path, ckpt, out, *extra):
+    # small shards: several units, so that the array tasks below really split the plan
+    env = dict(os.environ, SRC=ckpt, DST=str(out), PYTHON=sys.executable, WORKERS="1",
+               CONVERT_ARGS="--shard-size 200KB")
+    proc = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", "--mem=100", *extra,
+                           str(REPO / "slurm" / "convert.sbatch")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    STARTED.append(job)
+    return job
+
+
+def _tree_bytes(d):
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
 @pytest.mark.slow
 def test_convert_template_exports_the_reference_checkpoint(reference_run, tmp_path):
-    """slurm/convert.sbatch as a user runs it: settings from the environment, plain sbatch."""
+    """slurm/convert.sbatch as a user runs it: settings from the environment, plain sbatch; then
+    as a 2-task Slurm array (both tasks running at once on the cluster's nodes, each converting its
+    share of the plan, the last finisher publishing): the same bytes as the one-node export, and
+    nothing left beside the output."""
     from safetensors import safe_open
 
     from megatron_ling.training.recipe import load_recipe
 
     ckpt = load_recipe(str(reference_run["run_dir"] / "job.recipe.yaml")).checkpoint_dir
     out = tmp_path / "hf"
-    env = dict(os.environ, SRC=ckpt, DST=str(out), PYTHON=sys.executable)
-    proc = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", "--mem=100", str(REPO / "slurm" / "convert.sbatch")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    job = proc.stdout.strip().split(";")[0]
-    STARTED.append(job)
+    job = _sbatch_convert(tmp_path, ckpt, out)
     info = wait_job(job, tmp_path, timeout=180)
     log = (tmp_path / f"ling-convert-{job}.out").read_text(errors="replace")
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert (out / "config.json").exists()
     shards = sorted(out.glob("*.safetensors"))
-    assert shards, log[-3000:]
-    with safe_open(str(shards[0]), "pt") as f:
-        assert "lm_head.weight" in f.keys()  # an HF BailingMoeV2 tensor name
+    assert len(shards) >= 3, log[-3000:]
+    names = set()
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            names.update(f.keys())
+    assert "lm_head.weight" in names  # an HF BailingMoeV2 tensor name
+
+    arr = tmp_path / "arr"
+    arr.mkdir()
+    out2 = arr / "hf"
+    job = _sbatch_convert(arr, ckpt, out2, "--array=0-1", "--output=%x-%A_%a.out")
+    states = {t: wait_job(f"{job}_{t}", arr, timeout=240)["JobState"] for t in (0, 1)}
+    logs = {t: (arr / f"ling-convert-{job}_{t}.out").read_text(errors="replace") for t in (0, 1)}
+    ran = 0
+    for t in (0, 1):
+        assert states[t] == "COMPLETED", logs[t][-3000:]
+        assert f"array task {t} of 2" in logs[t], logs[t][-3000:]
+        m = re.search(r": (\d+) of (\d+) units converted here", logs[t])
+        assert m and 0 < int(m.group(1)) < int(m.group(2)), logs[t][-3000:]  # each task did a share
+        assert "[convert]" in logs[t] and "done" in logs[t].splitlines()[-1], logs[t][-3000:]
+        ran += int(m.group(1))
+    assert ran == len(shards)
+    assert _tree_bytes(out2) == _tree_bytes(out)
+    assert sorted(p.name for p in arr.iterdir()) == sorted(["hf", *(f"ling-convert-{job}_{t}.out" for t in (0, 1))])
 
 
 # ------------------------------------------------------------------ sbatch's own rejections

@@ -60,7 +60,8 @@ def from_hf(hf_dir: str, out_dir: str, dtype: str = "auto", mtp: str = "keep", f
     if file_size <= 0:
         raise LingConfigError("--file-size: must be positive")
     rank, world_size = resolve_rank(rank, world_size)
-    check_output(out_dir, force, inputs=(hf_dir,))
+    if world_size == 1:  # fail before planning; with ranks, execute checks it once this rank has units
+        check_output(out_dir, force, inputs=(hf_dir,))
     cfg = LingConfig.from_hf_config(hf_dir)
     quant = cfg.extra.pop("quantization_config", None)
     if quant is not None and (quant.get("quant_method") != "fp8" or

@@ -76,7 +76,7 @@ class ExecResult:
     finalized: bool  # the output is complete at OUT
     ran: list[int]  # units this call converted
     skipped: list[int]  # units of this rank already done (a rerun)
-    missing: int  # units of the plan still without a marker (other ranks') when not finalized
+    missing: int | None  # units of the plan still without a marker (other ranks') when not finalized; None: this rank had none
     seconds: float
     peak_rss: dict[int, int] = field(default_factory=dict)  # worker pid -> peak RSS bytes
     records: list[dict] = field(default_factory=list)
@@ -275,11 +275,16 @@ def execute(job: Job, out_dir: str, workers: int = 1, rank: int = 0, world_size:
     that completes the plan finalizes and renames the output onto ``out_dir``."""
     if workers < 1:
         raise LingConfigError(f"--workers: must be >= 1, got {workers}")
-    check_output(out_dir, force, job.inputs)
     t0 = time.perf_counter()
+    mine = partition(job.units, world_size)[rank]
+    if not mine:
+        # More ranks than units (a small model on a big array): nothing to do and nothing to touch.
+        # This rank may start after the others have published OUT and removed the staging dir, so
+        # it must neither refuse the existing output nor re-create a staging dir that nobody cleans.
+        return ExecResult(False, [], [], None, time.perf_counter() - t0, {}, [])
+    check_output(out_dir, force, job.inputs)
     staging, own = _open_staging(job, out_dir, world_size)
     try:
-        mine = partition(job.units, world_size)[rank]
         skipped = [i for i in mine if _done(staging, i) is not None]
         todo = [i for i in mine if i not in skipped]
         bar = progress(sum(job.units[i].cost for i in todo), desc, show_progress)
@@ -332,7 +337,9 @@ def summary(what: str, r: ExecResult, read: int, written: int, total_units: int)
          f"({written / 1e6 / dt:.0f} MB/s written)")
     if r.peak_rss:
         s += f"; peak RSS per worker {max(r.peak_rss.values()) / 1e9:.2f} GB ({len(r.peak_rss)} workers)"
-    if not r.finalized:
+    if r.missing is None:
+        s += "; this rank has no units (more ranks than units in the plan)"
+    elif not r.finalized:
         s += (f"; output not complete yet: {r.missing} units (other ranks') missing - the rank that "
               f"finishes last writes it" if r.missing else "; another rank is writing the output (finalize lock)")
     return s

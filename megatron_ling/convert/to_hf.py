@@ -225,7 +225,8 @@ def to_hf(ckpt_dir: str, out_dir: str, dtype: str = "bf16", mtp: str = "keep", s
         raise LingConfigError("--workers: a merge streamed to HF runs in one process; pass --workers 1, or merge "
                               "to torch_dist and convert that with ling-convert to-hf --workers N")
     rank, world_size = (0, 1) if in_process else resolve_rank(rank, world_size)
-    check_output(out_dir, force, inputs=tuple(getattr(ckpt_dir, "inputs", ())) if in_process else (ckpt_dir,))
+    if world_size == 1:  # fail before planning; with ranks, execute checks it once this rank has units
+        check_output(out_dir, force, inputs=tuple(getattr(ckpt_dir, "inputs", ())) if in_process else (ckpt_dir,))
     if hf_files is not None and not os.path.isdir(hf_files):
         raise LingConfigError(f"--hf-files: {hf_files} is not a directory")
     reader = ckpt_dir if in_process else TorchDistReader(ckpt_dir, verify_checksums=verify_checksums)
