@@ -5,6 +5,8 @@ vocab 157,184) with fewer layers (default: 1 dense + 1 MoE layer, ~3.0 GB bf16; 
 then times, each in a fresh subprocess, --reps times in alternation (median reported):
 
   copy      a durable copy of the step's input (copytree + fsync): the I/O ceiling, same run
+  write     the same bytes written from memory with write() + fsync: the ceiling of anything that
+            writes from user memory (every converter does), same run
   from-hf   HF dir -> torch_dist checkpoint, with each --workers count
   to-hf     that torch_dist checkpoint -> HF dir (bf16), with each --workers count
 
@@ -85,6 +87,23 @@ def copy_cmd(src: str, dst: str) -> list[str]:
     return [sys.executable, "-c", code]
 
 
+def write_cmd(src: str, dst: str) -> list[str]:
+    """The user-space write ceiling: the same bytes, file by file, read into memory first (not
+    timed), then written with write() from that memory and fsynced (timed). Every converter writes
+    from user memory like this; a copy (sendfile/copy_file_range) never leaves the kernel."""
+    code = (f"import os, time\nos.makedirs({dst!r})\ntotal = 0.0\n"
+            f"for r, _, fs in os.walk({src!r}):\n"
+            f"    for n in fs:\n"
+            f"        data = open(os.path.join(r, n), 'rb').read()\n"
+            f"        t = time.perf_counter()\n"
+            f"        with open(os.path.join({dst!r}, n), 'wb') as f:\n"
+            f"            f.write(data); f.flush(); os.fsync(f.fileno())\n"
+            f"        total += time.perf_counter() - t\n"
+            f"        del data\n"
+            f"print(f'write in {{total:.3f}} s ')")
+    return [sys.executable, "-c", code]
+
+
 def ling_1t_bytes() -> int:
     """bf16 bytes of Ling-1T (with its MTP layer), from the mapping table's shapes."""
     import math
@@ -134,29 +153,33 @@ def main():
     times: dict = {}
     for rep in range(a.reps):  # alternate copy and conversions so that load swings hit all alike
         for step, (src, cmd) in steps.items():
-            for kind in ["copy"] + counts:
+            for kind in ["copy", "write"] + counts:
                 dst = os.path.join(a.work, "out")
                 shutil.rmtree(dst, ignore_errors=True)
-                c = copy_cmd(src, dst) if kind == "copy" else cmd(src, dst, kind)
+                c = {"copy": copy_cmd, "write": write_cmd}[kind](src, dst) if kind in ("copy", "write") \
+                    else cmd(src, dst, kind)
                 dt, rss = timed(c)
                 times.setdefault((step, kind), []).append((dt, rss))
-                print(f"  rep {rep}: {step} {kind if kind == 'copy' else f'{kind} worker(s)'}: {dt:.1f} s, "
+                print(f"  rep {rep}: {step} {kind if isinstance(kind, str) else f'{kind} worker(s)'}: {dt:.1f} s, "
                       f"RSS {rss / 1e9:.2f} GB (load {os.getloadavg()[0]:.1f})", flush=True)
     shutil.rmtree(os.path.join(a.work, "out"), ignore_errors=True)
     med = {k: statistics.median(d for d, _ in v) for k, v in times.items()}
     size = {"from-hf": dir_bytes(hf), "to-hf": dir_bytes(ck)}
     print(f"\n| step | workers | bytes in | convert s (median of {a.reps}) | MB/s | durable copy MB/s "
-          f"(same run) | vs copy | vs 1 worker | peak RSS per worker | RSS / largest layer |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"(same run) | vs copy | user-space write MB/s (same run) | vs write | vs 1 worker | "
+          f"peak RSS per worker | RSS / largest layer |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rates = {}
     for step in steps:
         copy_bps = size[step] / med[(step, "copy")]
+        write_bps = size[step] / med[(step, "write")]
         for w in counts:
             bps = size[step] / med[(step, w)]
             rates[(step, w)] = bps
             rss = max(r for _, r in times[(step, w)])
             print(f"| {step} | {w} | {size[step] / 1e9:.2f} GB | {med[(step, w)]:.1f} | {bps / 1e6:.0f} | "
-                  f"{copy_bps / 1e6:.0f} | {bps / copy_bps:.2f}x | {bps / rates[(step, counts[0])]:.2f}x | "
+                  f"{copy_bps / 1e6:.0f} | {bps / copy_bps:.2f}x | {write_bps / 1e6:.0f} | {bps / write_bps:.2f}x | "
+                  f"{bps / rates[(step, counts[0])]:.2f}x | "
                   f"{rss / 1e9:.2f} GB | {rss / largest:.2f}x |")
     b1t = ling_1t_bytes()
     print(f"\nLing-1T projection ({b1t / 1e12:.2f} TB bf16): hours = bytes / (per-worker rate x workers), "

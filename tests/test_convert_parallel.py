@@ -65,6 +65,14 @@ def test_workers_give_byte_identical_output_both_directions(hf_dir, tmp_path):
         ck[w] = str(tmp_path / f"ck{w}")
     assert_identical(ck[1], ck[2])
     assert_identical(ck[1], ck[3])
+    # checksums.json: the data files' CRCs are taken while writing (torch_dist._CrcFile); they
+    # equal a fresh read of every file
+    from megatron_ling.checkpoint import layout, manifest
+
+    d = layout.resolve(ck[3])
+    want = manifest.read_manifest(d)
+    assert want and any(n.endswith(".distcp") for n in want)
+    assert manifest.hash_files(d, manifest.checkpoint_files(d)) == want
     # fp8: a weight and its _scale_inv may sit in different shards
     for dtype, counts in (("bf16", (1, 2, 3)), ("fp8", (1, 3))):
         for w in counts:

@@ -225,6 +225,31 @@ def test_packed_batch_equals_one_conversation_per_sequence(chat_prefix, parallel
             assert worst <= 1e-5, worst
 
 
+def test_thd_sequence_boundaries_are_the_cpu_mask():
+    """The GPU path (Transformer Engine, THD) sees the packed micro-batch as the sequences of
+    ``packed_seq_params``; attending within each of them causally is exactly the CPU path's
+    ``document_attention_mask``, for random doc-id layouts (several samples, runs of one token,
+    padding runs). (The THD attention itself needs TE on a GPU: not run here.)"""
+    from megatron_ling.training.sft import document_attention_mask, packed_seq_params
+
+    rng = random.Random(3)
+    for _ in range(50):
+        b, s = rng.randint(1, 3), rng.randint(1, 24)
+        doc = torch.tensor([sorted(rng.randint(0, 4) for _ in range(s)) for _ in range(b)])
+        p = packed_seq_params(doc)
+        cu = p.cu_seqlens_q.tolist()
+        assert p.qkv_format == "thd" and cu[0] == 0 and cu[-1] == b * s and cu == p.cu_seqlens_kv.tolist()
+        assert p.cu_seqlens_q.dtype == torch.int32 and p.max_seqlen_q == max(y - x for x, y in zip(cu, cu[1:]))
+        seq = torch.zeros(b * s, dtype=torch.long)
+        for i, (x, y) in enumerate(zip(cu, cu[1:])):
+            seq[x:y] = i
+        blocked = ~((seq[:, None] == seq[None, :]) & torch.ones(b * s, b * s, dtype=torch.bool).tril())
+        cpu = document_attention_mask(doc)  # [b, 1, s, s], per sample
+        for j in range(b):
+            assert torch.equal(blocked[j * s:(j + 1) * s, j * s:(j + 1) * s], cpu[j, 0]), (doc, cu)
+            assert blocked[j * s:(j + 1) * s, :j * s].all()  # never into an earlier sample
+
+
 # ---------------------------------------------------------------------------------------- end to end
 def _cli(*args, timeout=900):
     p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
