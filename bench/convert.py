@@ -104,6 +104,9 @@ def write_cmd(src: str, dst: str) -> list[str]:
     return [sys.executable, "-c", code]
 
 
+BASELINES = {"copy": copy_cmd, "write": write_cmd}  # measured beside the converters, same input
+
+
 def ling_1t_bytes() -> int:
     """bf16 bytes of Ling-1T (with its MTP layer), from the mapping table's shapes."""
     import math
@@ -153,11 +156,10 @@ def main():
     times: dict = {}
     for rep in range(a.reps):  # alternate copy and conversions so that load swings hit all alike
         for step, (src, cmd) in steps.items():
-            for kind in ["copy", "write"] + counts:
+            for kind in list(BASELINES) + counts:
                 dst = os.path.join(a.work, "out")
                 shutil.rmtree(dst, ignore_errors=True)
-                c = {"copy": copy_cmd, "write": write_cmd}[kind](src, dst) if kind in ("copy", "write") \
-                    else cmd(src, dst, kind)
+                c = BASELINES[kind](src, dst) if kind in BASELINES else cmd(src, dst, kind)
                 dt, rss = timed(c)
                 times.setdefault((step, kind), []).append((dt, rss))
                 print(f"  rep {rep}: {step} {kind if isinstance(kind, str) else f'{kind} worker(s)'}: {dt:.1f} s, "

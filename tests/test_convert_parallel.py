@@ -22,6 +22,7 @@ from megatron_ling.convert.hf_io import write_safetensors
 from megatron_ling.convert.to_hf import to_hf
 from megatron_ling.errors import LingConfigError
 from megatron_ling.models.config import get_preset
+from tests.support.trees import assert_identical, files
 
 CFG = get_preset("ling-tiny", num_nextn_predict_layers=1, moe_router_enable_expert_bias=True)
 SHARD = 150_000  # small shards / .distcp files: several units per direction, experts split across shards
@@ -39,17 +40,6 @@ def hf_dir(tmp_path_factory):
     write_safetensors(d, plan, SHARD, ((n, torch.randn(s, generator=g).to(t)) for n, s, t in plan))
     CFG.save_hf_config(os.path.join(d, "config.json"))
     return d
-
-
-def files(d):
-    return sorted(os.path.relpath(p, d) for p in glob.glob(os.path.join(d, "**"), recursive=True)
-                  if os.path.isfile(p))
-
-
-def assert_identical(a, b):
-    assert files(a) == files(b)
-    different = [f for f in files(a) if not filecmp.cmp(os.path.join(a, f), os.path.join(b, f), shallow=False)]
-    assert different == []
 
 
 def leftovers(parent):

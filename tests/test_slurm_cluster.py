@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from megatron_ling.launch import slurmctl
+from tests.support.trees import assert_identical
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = REPO / "slurm" / "local_cluster.sh"
@@ -320,10 +321,6 @@ def _sbatch_convert(tmp_path, ckpt, out, *extra):
     return job
 
 
-def _tree_bytes(d):
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
-
-
 @pytest.mark.slow
 def test_convert_template_exports_the_reference_checkpoint(reference_run, tmp_path):
     """slurm/convert.sbatch as a user runs it: settings from the environment, plain sbatch; then
@@ -364,7 +361,7 @@ def test_convert_template_exports_the_reference_checkpoint(reference_run, tmp_pa
         assert "[convert]" in logs[t] and "done" in logs[t].splitlines()[-1], logs[t][-3000:]
         ran += int(m.group(1))
     assert ran == len(shards)
-    assert _tree_bytes(out2) == _tree_bytes(out)
+    assert_identical(str(out2), str(out))
     assert sorted(p.name for p in arr.iterdir()) == sorted(["hf", *(f"ling-convert-{job}_{t}.out" for t in (0, 1))])
 
 

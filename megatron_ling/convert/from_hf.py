@@ -23,9 +23,9 @@ import torch
 
 from megatron_ling.convert import mapping as M
 from megatron_ling.checkpoint import layout
-from megatron_ling.convert.common import check_output
 from megatron_ling.convert.hf_io import HFReader, fp8_scale_shape, nbytes
-from megatron_ling.convert.parallel_exec import ExecResult, Job, Unit, execute, resolve_rank, summary as _summary
+from megatron_ling.convert.parallel_exec import (ExecResult, Job, Unit, execute, preflight, resolve_rank,
+                                                 summary as _summary)
 from megatron_ling.convert.torch_dist import TorchDistWriter, write_metadata
 from megatron_ling.errors import LingConfigError
 from megatron_ling.models.config import LingConfig
@@ -60,8 +60,7 @@ def from_hf(hf_dir: str, out_dir: str, dtype: str = "auto", mtp: str = "keep", f
     if file_size <= 0:
         raise LingConfigError("--file-size: must be positive")
     rank, world_size = resolve_rank(rank, world_size)
-    if world_size == 1:  # fail before planning; with ranks, execute checks it once this rank has units
-        check_output(out_dir, force, inputs=(hf_dir,))
+    preflight(out_dir, force, (hf_dir,), world_size)
     cfg = LingConfig.from_hf_config(hf_dir)
     quant = cfg.extra.pop("quantization_config", None)
     if quant is not None and (quant.get("quant_method") != "fp8" or

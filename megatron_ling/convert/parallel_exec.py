@@ -76,7 +76,7 @@ class ExecResult:
     finalized: bool  # the output is complete at OUT
     ran: list[int]  # units this call converted
     skipped: list[int]  # units of this rank already done (a rerun)
-    missing: int | None  # units of the plan still without a marker (other ranks') when not finalized; None: this rank had none
+    missing: int | None  # units of the plan without a marker (other ranks') when not finalized; None: rank had none
     seconds: float
     peak_rss: dict[int, int] = field(default_factory=dict)  # worker pid -> peak RSS bytes
     records: list[dict] = field(default_factory=list)
@@ -267,6 +267,14 @@ def _run_pool(job: Job, todo: list[int], staging: str, workers: int, bar) -> dic
     if error is not None:
         raise error
     return rss
+
+
+def preflight(out_dir: str, force: bool, inputs: tuple, world_size: int) -> None:
+    """The output check a converter makes before planning (a bad ``OUT`` fails before any input
+    is read). One rank only: with several, a rank may have no units and start after the others
+    have published ``OUT``, so :func:`execute` checks once it knows this rank has units."""
+    if world_size == 1:
+        check_output(out_dir, force, inputs)
 
 
 def execute(job: Job, out_dir: str, workers: int = 1, rank: int = 0, world_size: int = 1,

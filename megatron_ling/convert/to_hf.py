@@ -16,9 +16,10 @@ import torch
 
 from megatron_ling.config_utils import read_json
 from megatron_ling.convert import mapping as M
-from megatron_ling.convert.common import DTYPES, check_output
+from megatron_ling.convert.common import DTYPES
 from megatron_ling.convert.hf_io import FP8_QUANT_CONFIG, ShardPlan, fp8_eligible, fp8_quantize, fp8_scale_shape
-from megatron_ling.convert.parallel_exec import ExecResult, Job, Unit, execute, resolve_rank, summary as _summary
+from megatron_ling.convert.parallel_exec import (ExecResult, Job, Unit, execute, preflight, resolve_rank,
+                                                 summary as _summary)
 from megatron_ling.convert.torch_dist import TorchDistReader
 from megatron_ling.errors import LingConfigError
 from megatron_ling.models.config import LingConfig
@@ -225,8 +226,7 @@ def to_hf(ckpt_dir: str, out_dir: str, dtype: str = "bf16", mtp: str = "keep", s
         raise LingConfigError("--workers: a merge streamed to HF runs in one process; pass --workers 1, or merge "
                               "to torch_dist and convert that with ling-convert to-hf --workers N")
     rank, world_size = (0, 1) if in_process else resolve_rank(rank, world_size)
-    if world_size == 1:  # fail before planning; with ranks, execute checks it once this rank has units
-        check_output(out_dir, force, inputs=tuple(getattr(ckpt_dir, "inputs", ())) if in_process else (ckpt_dir,))
+    preflight(out_dir, force, tuple(getattr(ckpt_dir, "inputs", ())) if in_process else (ckpt_dir,), world_size)
     if hf_files is not None and not os.path.isdir(hf_files):
         raise LingConfigError(f"--hf-files: {hf_files} is not a directory")
     reader = ckpt_dir if in_process else TorchDistReader(ckpt_dir, verify_checksums=verify_checksums)

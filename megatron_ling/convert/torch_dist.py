@@ -338,6 +338,7 @@ def write_metadata(path: str, records: list[dict], common: dict) -> None:
         pickle.dump(md, f)  # our own Metadata object; readers unpickle it with the allow-list
     # last, over every file of the directory: readers verify the whole checkpoint against it. The
     # data files' CRCs were taken while writing them (_CrcFile); only the small files are read.
+    # (A unit marker left in a staging dir by an older megatron-ling has no crc32: that file is read.)
     known = {rec["rel"]: [rec["bytes"], rec["crc32"]] for rec in records if "crc32" in rec}
     rest = [n for n in manifest.checkpoint_files(path) if n not in known]
     manifest.write_manifest(path, {**known, **manifest.hash_files(path, rest)})
