@@ -228,6 +228,84 @@ def test_round_trip_is_bit_identical(ckpts, work, dtype):
     assert r.dtype("decoder.layers.1.self_attention.linear_qkv.weight") == want
 
 
+# ------------------------------------------------------------------ in-kernel copy (issue 14)
+def test_row_major_run_is_exactly_the_contiguous_boxes():
+    """A box is copied as one byte run only when torch agrees it is one contiguous run there."""
+    from megatron_ling.convert.torch_dist import _row_major_run
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(6,), (4, 5), (3, 4, 5), (1, 4, 5), (2, 1, 3, 4)]:
+        t = torch.arange(torch.Size(shape).numel()).reshape(shape)
+        for _ in range(200):
+            sizes = tuple(int(torch.randint(1, n + 1, (1,), generator=g)) for n in shape)
+            offs = [int(torch.randint(0, n - z + 1, (1,), generator=g)) for n, z in zip(shape, sizes)]
+            box = t
+            for d, (o, z) in enumerate(zip(offs, sizes)):
+                box = box.narrow(d, o, z)
+            run = _row_major_run(shape, offs, sizes)
+            if box.is_contiguous():
+                assert run == (box.storage_offset(), box.numel()), (shape, offs, sizes)
+            else:
+                assert run is None, (shape, offs, sizes)
+
+
+def _boxes(reader, cfg):
+    from megatron_ling.convert.to_hf import index_checkpoint
+
+    for (unit, role), key in index_checkpoint(reader, cfg).items():
+        if N.hf_box(cfg, role, 0) is None:
+            continue
+        for j, _ in enumerate(N.hf_names(cfg, unit, role)):
+            off, size, _ = N.hf_box(cfg, role, j)
+            yield role, key, off, size
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_stored_spans_hold_exactly_the_tensor_bytes(ckpts, layout):
+    """Every span to-hf would copy in the kernel holds the box's bytes as torch reads them; at
+    TP1 every tensor but QKV has one (only TP splits a box over chunks)."""
+    from megatron_ling.convert.torch_dist import TorchDistReader
+
+    reader = TorchDistReader(ckpts[layout])
+    spans = 0
+    for role, key, off, size in _boxes(reader, CFG):
+        span = reader.span(key, off, size)
+        want = reader.read_view(key, off, size).contiguous().view(-1).view(torch.uint8)
+        if span is None:
+            assert LAYOUTS[layout][0].get("tp", 1) > 1, (layout, key, off)
+            continue
+        got = os.pread(span.fd, span.length, span.offset)
+        assert len(got) == want.numel() and got == bytes(want.numpy()), (key, off, size)
+        spans += 1
+    assert spans > 20
+
+
+def test_copy_range_falls_back_where_the_kernel_refuses(tmp_path, monkeypatch):
+    """copy_file_range refused (EXDEV: across filesystems on kernels < 5.3) -> sendfile; that
+    refused too -> pread/write: the same bytes each time."""
+    import errno
+
+    from megatron_ling.convert.hf_io import copy_range
+
+    src = tmp_path / "src"
+    data = os.urandom(3 << 20)
+    src.write_bytes(data)
+
+    def refuse(*a, **k):
+        raise OSError(errno.EXDEV, "refused")
+
+    fd = os.open(src, os.O_RDONLY)
+    for refused in ([], ["copy_file_range"], ["copy_file_range", "sendfile"]):
+        for name in refused:
+            monkeypatch.setattr(os, name, refuse)
+        out = tmp_path / f"out{len(refused)}"
+        with open(out, "wb", buffering=0) as f:
+            f.write(b"head")
+            copy_range(fd, 1000, len(data) - 1000, f.fileno())
+        assert out.read_bytes() == b"head" + data[1000:]
+    os.close(fd)
+
+
 # ----------------------------------------------------------------------------------- FP8
 @pytest.mark.slow
 def test_fp8_export_and_import(ckpts, work):

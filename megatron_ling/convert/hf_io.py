@@ -10,6 +10,7 @@ or truncated shard is one clear error, not a crash half way), then reads tensors
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mmap
@@ -120,18 +121,30 @@ class ShardFile:
         header["__metadata__"] = {"format": "pt"}
         h = json.dumps(header, separators=(",", ":")).encode()
         h += b" " * (-len(h) % 8)
-        self._f = open(path, "wb")
-        self._f.write(struct.pack("<Q", len(h)))
-        self._f.write(h)
+        self._f = open(path, "wb", buffering=0)  # unbuffered: ``copy`` moves the file offset itself
+        _write_all(self._f, struct.pack("<Q", len(h)) + h)
         self._pos = 0
 
     def write(self, name: str, t: torch.Tensor) -> None:
-        exp_name, shape, dtype = self.entries[self._pos]
-        if name != exp_name or tuple(t.shape) != shape or t.dtype != dtype:
-            raise AssertionError(f"write order/shape mismatch: got {name} {tuple(t.shape)} {t.dtype}, "
-                                 f"planned {exp_name} {shape} {dtype}")
-        self._f.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
+        self._check(name, tuple(t.shape), t.dtype, t.numel() * t.element_size())
+        _write_all(self._f, t.contiguous().view(-1).view(torch.uint8).numpy().data)
         self._pos += 1
+
+    def copy(self, name: str, span) -> None:
+        """The next planned tensor's bytes straight from ``span`` (a ``torch_dist.Span``: the
+        tensor as stored in a .distcp file) without bringing them into this process:
+        copy_file_range(2) where the kernel and filesystems allow, else sendfile(2), else pread
+        and write. A user-space write() is the slow part of a conversion on many machines."""
+        _, shape, dtype = self.entries[self._pos]
+        self._check(name, shape, dtype, span.length)
+        copy_range(span.fd, span.offset, span.length, self._f.fileno())
+        self._pos += 1
+
+    def _check(self, name: str, shape: tuple, dtype: torch.dtype, length: int) -> None:
+        exp_name, exp_shape, exp_dtype = self.entries[self._pos]
+        if name != exp_name or shape != exp_shape or dtype != exp_dtype or length != nbytes(shape, dtype):
+            raise AssertionError(f"write order/shape mismatch: got {name} {shape} {dtype} ({length} bytes), "
+                                 f"planned {exp_name} {exp_shape} {exp_dtype}")
 
     def close(self) -> None:
         """Check completeness, flush and fsync (a unit is done only once its bytes are durable)."""
@@ -140,6 +153,51 @@ class ShardFile:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
+
+
+def _write_all(f, data) -> None:
+    """write() until every byte is out (an unbuffered file may write less than asked)."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[f.write(view):]
+
+
+_NO_COPY_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF)
+
+
+def copy_range(src_fd: int, offset: int, length: int, dst_fd: int) -> None:
+    """``length`` bytes of ``src_fd`` from ``offset`` to ``dst_fd`` at its current offset (which
+    advances), in the kernel: copy_file_range(2); sendfile(2) where that is refused (a kernel
+    before 5.3 across filesystems, some network filesystems); pread + write as the last resort."""
+    done = 0
+    try:
+        while done < length:
+            n = os.copy_file_range(src_fd, dst_fd, length - done, offset + done)
+            if n == 0:
+                raise OSError(errno.EIO, f"copy_file_range: source ended {length - done} bytes early")
+            done += n
+        return
+    except OSError as e:
+        if e.errno not in _NO_COPY_RANGE or done:
+            raise
+    try:
+        while done < length:
+            n = os.sendfile(dst_fd, src_fd, offset + done, length - done)
+            if n == 0:
+                raise OSError(errno.EIO, f"sendfile: source ended {length - done} bytes early")
+            done += n
+        return
+    except OSError as e:
+        if e.errno not in _NO_COPY_RANGE or done:
+            raise
+    while done < length:
+        b = os.pread(src_fd, min(64 << 20, length - done), offset + done)
+        if not b:
+            raise OSError(errno.EIO, f"pread: source ended {length - done} bytes early")
+        view = memoryview(b)
+        while view:
+            view = view[os.write(dst_fd, view):]
+        done += len(b)
 
 
 def write_safetensors(out_dir: str, plan: list[tuple[str, tuple, torch.dtype]], shard_size: int, tensors) -> int:

@@ -20,7 +20,7 @@ from megatron_ling.convert.common import DTYPES
 from megatron_ling.convert.hf_io import FP8_QUANT_CONFIG, ShardPlan, fp8_eligible, fp8_quantize, fp8_scale_shape
 from megatron_ling.convert.parallel_exec import (ExecResult, Job, Unit, execute, preflight, resolve_rank,
                                                  summary as _summary)
-from megatron_ling.convert.torch_dist import TorchDistReader
+from megatron_ling.convert.torch_dist import Span, TorchDistReader
 from megatron_ling.errors import LingConfigError
 from megatron_ling.models.config import LingConfig
 
@@ -101,9 +101,11 @@ def copy_hf_files(src: str, dst: str) -> list[str]:
 
 class ToHFJob(Job):
     """One unit per planned safetensors shard. A shard's tensors come from consecutive (unit, role)
-    slots; each HF tensor is a view of the saved chunk that holds it (chunks are loaded once, in
-    order) - only QKV, whose rows are regrouped, is read whole. Memory: one saved chunk (at most one
-    Megatron tensor) plus the tensor being written.
+    slots. An HF tensor stored as exported (same dtype, one contiguous run of a saved chunk: most
+    of a bf16 export) is copied file to file in the kernel, never read into memory; any other is a
+    view of the saved chunk that holds it (chunks are loaded once, in order) - only QKV, whose rows
+    are regrouped, is read whole. Memory: one saved chunk (at most one Megatron tensor) plus the
+    tensor being written.
 
     ``reader`` is the parent's ``TorchDistReader`` (workers open their own on its path; the parent
     already checked the files against the manifest when ``verify_checksums``) or an in-process
@@ -153,14 +155,18 @@ class ToHFJob(Job):
         outs = M.role_to_hf(self.cfg, role, reader.read(key)) if qkv else None
         quantized = {}
         for j, name in wanted:
+            weight = name[: -len("_scale_inv")] if name not in self.dtypes_of_weights else name
+            dt = self.dtypes[weight]
             if qkv:
                 w = outs[j]
             else:
                 off, size, drop_expert_axis = M.hf_box(self.cfg, role, j)
+                span = self._span(reader, key, off, size, dt)
+                if span is not None:
+                    yield name, span  # the stored bytes are the output bytes: copied in the kernel
+                    continue
                 w = reader.read_view(key, off, size)
                 w = w.squeeze(0) if drop_expert_axis else w
-            weight = name[: -len("_scale_inv")] if name not in self.dtypes_of_weights else name
-            dt = self.dtypes[weight]
             if dt == torch.float8_e4m3fn:
                 if j not in quantized:
                     quantized = {j: fp8_quantize(w)}  # only the current weight's pair is kept
@@ -168,14 +174,27 @@ class ToHFJob(Job):
             else:
                 yield name, w.to(dt)
 
+    @staticmethod
+    def _span(reader, key: str, off, size, dtype: torch.dtype) -> Span | None:
+        """Where the HF tensor's bytes lie in the checkpoint when it is stored as exported (same
+        dtype, one contiguous run of a saved chunk); None for a merge streamed in (no files) or
+        when the tensor must be converted."""
+        if not isinstance(reader, TorchDistReader) or reader.dtype(key) != dtype:
+            return None
+        return reader.span(key, off, size)
+
     def run_unit(self, i: int, out_dir: str, report) -> dict:
         if self._reader is None:  # a worker: the parent verified the checksums before it started
             self._reader = TorchDistReader(self.ckpt, verify_checksums=False)
         f = self.shards.open_shard(out_dir, i)
         for unit, role, wanted in self._slots(i):
             for name, x in self._tensors(self._reader, unit, role, wanted):
-                f.write(name, x)
-                report(x.numel() * x.element_size())
+                if isinstance(x, Span):
+                    f.copy(name, x)
+                    report(x.length)
+                else:
+                    f.write(name, x)
+                    report(x.numel() * x.element_size())
         f.close()
         return {"files": [self.shards.files[i]]}
 

@@ -22,7 +22,9 @@ import io
 import json
 import os
 import pickle
+import sys
 import zlib
+from typing import NamedTuple, Optional
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
@@ -82,6 +84,7 @@ class TorchDistReader:
         self._reader.set_up_storage_reader(self.metadata, is_coordinator=True)
         self._cached = (None, None)  # (storage index, tensor) of the chunk read_view loaded last
         self._fds: dict[str, int] = {}  # .distcp file -> fd (pread; kept open for the reader's life)
+        self._records: dict = {}  # storage index -> file offset of its tensor bytes (span), or None
         self.tensors = {k: v for k, v in self.metadata.state_dict_metadata.items()
                         if isinstance(v, TensorStorageMetadata)}
         # ShardedObjects (e.g. ``_extra_state``): pickled bytes, copied verbatim, never unpickled here
@@ -168,14 +171,90 @@ class TorchDistReader:
                 return t
         return self.read(key, offsets, sizes)
 
+    def span(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> Optional[Span]:
+        """Where the bytes of the box ``offsets``/``sizes`` of ``key`` lie in the data files, as one
+        contiguous run, when they do: the box sits in one saved chunk (no transform) stored
+        row-major from the start of its storage, and is itself one row-major run of that chunk
+        (rows of a matrix, one expert of a stack, the gate or up half of fc1). A converter then
+        copies those bytes file to file in the kernel (``hf_io.ShardFile.copy``) instead of
+        reading them into memory and writing them back. None otherwise (read with ``read_view``)."""
+        if sys.byteorder != "little":  # the bytes are copied as stored; safetensors is little-endian
+            return None
+        md = self.tensors[key]
+        for c in md.chunks:
+            if all(co <= o and o + z <= co + cz for o, z, co, cz in zip(offsets, sizes, c.offsets, c.sizes)):
+                index = MetadataIndex(key, c.offsets)
+                if index not in self._records:
+                    self._records[index] = self._record_start(index)
+                start = self._records[index]
+                rel = [o - co for o, co in zip(offsets, c.offsets)]
+                run = _row_major_run(tuple(c.sizes), rel, tuple(sizes))
+                if start is None or run is None:
+                    return None
+                item = md.properties.dtype.itemsize
+                info = self.metadata.storage_data[index]
+                return Span(self._fd(info.relative_path), start + run[0] * item, run[1] * item)
+        return None
+
+    def _record_start(self, index) -> Optional[int]:
+        """File offset of the tensor bytes of one saved record, when the record holds exactly the
+        chunk's elements, row-major from the start of its storage (what torch DCP and megatron
+        write: views are cloned before torch.save). Only the record's zip directory and pickle are
+        read (torch.load onto the meta device; weights_only), never its data."""
+        info = self.metadata.storage_data[index]
+        if info.transform_descriptors:
+            return None
+        window = _Window(self._fd(info.relative_path), info.offset, info.length)
+        try:
+            t = torch.load(io.BufferedReader(window, 1 << 16), map_location="meta", weights_only=True)
+        except Exception as e:
+            raise _corrupt(index.fqn, e) from None
+        st = t.untyped_storage() if isinstance(t, torch.Tensor) else None
+        where = getattr(st, "_checkpoint_offset", None)
+        chunk = self.tensors[index.fqn]
+        if (where is None or t.dtype != chunk.properties.dtype or not t.is_contiguous() or t.storage_offset() != 0
+                or st.nbytes() != t.numel() * t.element_size()):
+            return None
+        return info.offset + int(where)
+
+    def _fd(self, relative_path: str) -> int:
+        if relative_path not in self._fds:
+            self._fds[relative_path] = os.open(os.path.join(self.path, relative_path), os.O_RDONLY)
+        return self._fds[relative_path]
+
     def _load_chunk(self, index) -> torch.Tensor:
         """One saved record, torch.load-ed straight from the file: its storage bytes are read by
         pread into the tensor (not first into a bytes object: that was a second full copy)."""
         info = self.metadata.storage_data[index]
-        if info.relative_path not in self._fds:
-            self._fds[info.relative_path] = os.open(os.path.join(self.path, info.relative_path), os.O_RDONLY)
-        window = _Window(self._fds[info.relative_path], info.offset, info.length)
+        window = _Window(self._fd(info.relative_path), info.offset, info.length)
         return torch.load(io.BufferedReader(window, 1 << 16), map_location="cpu", weights_only=True)
+
+
+class Span(NamedTuple):
+    """``length`` bytes at ``offset`` of the open file ``fd``: a tensor's bytes as stored."""
+
+    fd: int
+    offset: int
+    length: int
+
+
+def _row_major_run(shape: tuple[int, ...], offsets: list[int], sizes: tuple[int, ...]) -> Optional[tuple[int, int]]:
+    """(first element, element count) of the box ``offsets``/``sizes`` of a row-major array of
+    ``shape`` when the box is one contiguous run of it (leading dims of size 1, then one partial
+    dim, then whole dims), else None."""
+    k = 0
+    while k < len(shape) and sizes[k] == 1:
+        k += 1
+    if any(o != 0 or z != n for o, z, n in zip(offsets[k + 1:], sizes[k + 1:], shape[k + 1:])):
+        return None
+    first, stride = 0, 1
+    for o, n in zip(reversed(offsets), reversed(shape)):
+        first += o * stride
+        stride *= n
+    count = 1
+    for z in sizes:
+        count *= z
+    return first, count
 
 
 class _Window(io.RawIOBase):

@@ -25,7 +25,7 @@ def single_process_megatron():
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_ling.training.setup import init_single_process
+    from megatron_ling.training.setup import init_single_process, shutdown_distributed
 
     own = not dist.is_initialized()
     init_single_process(cpu_threads=None)
@@ -34,9 +34,10 @@ def single_process_megatron():
     try:
         yield
     finally:
-        ps.destroy_model_parallel()
         if own:
-            dist.destroy_process_group()
+            shutdown_distributed()
+        else:  # the caller's groups stay; only the parallel state made here goes
+            ps.destroy_model_parallel()
 
 
 def load_megatron_model(ckpt_dir: str, cfg: LingConfig | None = None, verify_checksums: bool = True):

@@ -150,12 +150,16 @@ def calibrate(ling: LingConfig, seq_length: int, micro_batch_size: int, reps: in
 
 def _calibrate_worker(rank: int, world: int, port: int, ling_d: dict, seq_length: int, micro_batch_size: int,
                       reps: int, threads: int, out_path: str, niceness: Optional[int] = None):
+    from megatron_ling.training.setup import shutdown_distributed
+
     renice(niceness)
-    ling = LingConfig.from_hf_dict(ling_d)
-    cal = calibrate(ling, seq_length, micro_batch_size, reps=reps, threads=threads)
-    cal.meta["model"] = ling_d
-    cal.save(out_path, force=True)
-    torch.distributed.destroy_process_group()
+    try:
+        ling = LingConfig.from_hf_dict(ling_d)
+        cal = calibrate(ling, seq_length, micro_batch_size, reps=reps, threads=threads)
+        cal.meta["model"] = ling_d
+        cal.save(out_path, force=True)
+    finally:
+        shutdown_distributed()
 
 
 def calibrate_local(ling: LingConfig, seq_length: int, micro_batch_size: int, out_path: str, reps: int = 5,
@@ -202,33 +206,36 @@ def _measure_worker(rank: int, world: int, port: int, spec_d: dict, model_config
     from megatron.core import parallel_state as ps
 
     from megatron_ling.parallel.layout import embedding_pp_ranks, expand
+    from megatron_ling.training.setup import shutdown_distributed
     from megatron_ling.training.trainer import pipeline_profiler, setup
 
     spec = MeasureSpec(**spec_d)
     renice(spec.niceness)
     os.environ["LING_CPU_THREADS"] = str(spec.threads)
     ling = LingConfig.from_hf_dict(spec.ling)
-    groups: dict = {}
-    for i, layout in enumerate(spec.layouts):
-        # megatron's parallel state depends on the VPP size and on which stages share the word
-        # embedding (a standalone MTP stage does; see parallel/layout.embedding_pp_ranks)
-        key = (len(expand(layout)) // spec.pp, tuple(embedding_pp_ranks(layout, spec.pp, ling.tie_word_embeddings)))
-        groups.setdefault(key, []).append(i)
-    for items in groups.values():
-        # Layouts that share megatron's parallel state are set up together and stepped round-robin
-        # (each on the same batches): load drift on a shared machine then hits every layout alike
-        # instead of whichever happened to run during it.
-        sessions = [setup(layout_recipe(spec, i, model_config)) for i in items]
-        mbs = sessions[0].next_microbatches()
-        runs = [(s, pipeline_profiler(s)) for s in sessions]
-        for it in range(1, 2 + spec.steps):
-            for s, prof in runs:
-                with prof.step(it, s.bundle.chunks):
-                    s.step(mbs)
-        del runs, sessions
-        torch.distributed.barrier()
-        ps.destroy_model_parallel()
-    torch.distributed.destroy_process_group()
+    try:
+        groups: dict = {}
+        for i, layout in enumerate(spec.layouts):
+            # megatron's parallel state depends on the VPP size and on which stages share the word
+            # embedding (a standalone MTP stage does; see parallel/layout.embedding_pp_ranks)
+            key = (len(expand(layout)) // spec.pp, tuple(embedding_pp_ranks(layout, spec.pp, ling.tie_word_embeddings)))
+            groups.setdefault(key, []).append(i)
+        for items in groups.values():
+            # Layouts that share megatron's parallel state are set up together and stepped round-robin
+            # (each on the same batches): load drift on a shared machine then hits every layout alike
+            # instead of whichever happened to run during it.
+            sessions = [setup(layout_recipe(spec, i, model_config)) for i in items]
+            mbs = sessions[0].next_microbatches()
+            runs = [(s, pipeline_profiler(s)) for s in sessions]
+            for it in range(1, 2 + spec.steps):
+                for s, prof in runs:
+                    with prof.step(it, s.bundle.chunks):
+                        s.step(mbs)
+            del runs, sessions
+            torch.distributed.barrier()
+            ps.destroy_model_parallel()
+    finally:
+        shutdown_distributed()
 
 
 def measure_layouts(ling: LingConfig, pp: int, layouts: list, seq_length: int, micro_batch_size: int,

@@ -51,6 +51,20 @@ def init_distributed(timeout_s: int = 600) -> None:
                 int(os.environ.get("LOCAL_RANK", "0")), timeout_s)
 
 
+def shutdown_distributed() -> None:
+    """Megatron's parallel state and every torch.distributed group, destroyed while the interpreter
+    is still whole. Every process that initialised them calls this on every way out (errors
+    included): without it gloo's worker threads can still hold work at interpreter finalisation and
+    the process aborts ("terminate called without an active exception", SIGABRT) instead of exiting
+    with its status (pytorch/pytorch#190489; seen as exit -6 after a one-line error in CI)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def init_single_process(cpu_threads: Optional[int] = 1) -> None:
     """A 1-rank world in this process for building Megatron modules outside a launcher (the
     converters' verification, the profiler's calibration): per-process settings, then a gloo/NCCL

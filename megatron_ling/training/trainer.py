@@ -395,5 +395,10 @@ def run(session: Session) -> TrainResult:
 
 
 def train(recipe: Recipe) -> TrainResult:
-    """Run a recipe: ``run(setup(recipe))``."""
-    return run(setup(recipe))
+    """Run a recipe: ``run(setup(recipe))``; the process groups are torn down on every way out."""
+    from megatron_ling.training.setup import shutdown_distributed
+
+    try:
+        return run(setup(recipe))
+    finally:
+        shutdown_distributed()
