@@ -77,6 +77,22 @@ def test_resume_refuses_a_corrupt_optimizer_moment(trained, tmp_path):
     assert not os.path.exists(iteration_dir(ckpts(run), 6))
 
 
+@pytest.mark.parametrize("split", ["2 workers", "rank 0 of 2"])
+def test_a_corrupt_data_file_stops_a_parallel_export(trained, tmp_path, split):
+    """The .distcp files are checked beside the conversion where a failure discards everything
+    (2 workers on one rank: the staging dir goes), and before any unit where finished units
+    are kept for a rerun (several ranks: a unit made from a corrupt file must never be kept)."""
+    run = copy_run(trained, tmp_path)
+    path, off = _where(iteration_dir(ckpts(run), 4), "weight")
+    _flip(path, off)
+    out = tmp_path / "hf"
+    args = ["--workers", "2"] if split == "2 workers" else ["--rank", "0", "--world-size", "2"]
+    p = convert("to-hf", ckpts(run), str(out), "--no-progress", "--shard-size", "100KB", *args)
+    assert p.returncode == 2 and len(error_lines(p)) == 1, p.stderr[-2000:]
+    assert "is corrupt" in error_lines(p)[0] and os.path.basename(path) in error_lines(p)[0]
+    assert sorted(os.listdir(tmp_path)) == ["run"]  # no output, no staging dir
+
+
 def _train_in_rank(ctx, run_dir, overrides):
     import torch
 

@@ -14,6 +14,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import zlib
 
 import pytest
 import torch
@@ -280,12 +281,36 @@ def test_stored_spans_hold_exactly_the_tensor_bytes(ckpts, layout):
     assert spans > 20
 
 
+def test_a_record_filled_in_the_kernel_is_torch_saves_record(tmp_path):
+    """from-hf writes a stored tensor's record around a hole the kernel fills from the HF shard:
+    the file (and its CRC for checksums.json) is byte for byte what torch.save writes. The pinned
+    torch supports it (a torch that does not makes every tensor take torch.save's path)."""
+    from megatron_ling.convert.common import Span
+    from megatron_ling.convert.torch_dist import TorchDistWriter, skip_data_seeks_over_storage
+
+    assert skip_data_seeks_over_storage()
+    xs = [torch.randn(300, 70).to(torch.bfloat16), torch.randn(5).to(torch.float32)]
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x" * 100 + b"".join(bytes(x.view(-1).view(torch.uint8).numpy()) for x in xs))
+    fd = os.open(src, os.O_RDONLY)
+    spans = [Span(fd, 100, xs[0].nbytes), Span(fd, 100 + xs[0].nbytes, xs[1].nbytes)]
+    recs = []
+    for name, sp in (("plain.distcp", [None, None]), ("kernel.distcp", spans)):
+        w = TorchDistWriter(str(tmp_path), name)
+        for i, (x, s) in enumerate(zip(xs, sp)):
+            w.add_chunks(f"k{i}", tuple(x.shape), x.dtype, [((0,) * x.dim(), x)], spans=None if s is None else [s])
+        recs.append(w.close())
+    os.close(fd)
+    assert (tmp_path / "plain.distcp").read_bytes() == (tmp_path / "kernel.distcp").read_bytes()
+    assert recs[0]["crc32"] == recs[1]["crc32"] == zlib.crc32((tmp_path / "plain.distcp").read_bytes())
+
+
 def test_copy_range_falls_back_where_the_kernel_refuses(tmp_path, monkeypatch):
     """copy_file_range refused (EXDEV: across filesystems on kernels < 5.3) -> sendfile; that
     refused too -> pread/write: the same bytes each time."""
     import errno
 
-    from megatron_ling.convert.hf_io import copy_range
+    from megatron_ling.convert.common import copy_range
 
     src = tmp_path / "src"
     data = os.urandom(3 << 20)

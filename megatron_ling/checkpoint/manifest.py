@@ -78,6 +78,14 @@ def read_manifest(d: str) -> Optional[dict[str, list[int]]]:
                               f"--no-verify-checksums / checkpoint.verify_checksums=false to skip the check") from None
 
 
+def split(d: str) -> tuple[list[str], list[str]]:
+    """The manifest's (small files, data files): ``.metadata``, ``common.pt``, ... are read
+    before a conversion plans and are checked first; the .distcp data files may be checked beside
+    it. ([], []) without a manifest."""
+    names = sorted(read_manifest(d) or {})
+    return [n for n in names if not n.endswith(".distcp")], [n for n in names if n.endswith(".distcp")]
+
+
 def verify(d: str, names: Optional[list[str]] = None) -> Optional[str]:
     """Check ``d`` against its manifest (only ``names`` of it, for one rank's share). Returns the
     one-line problem (missing, extra-size or corrupt file), or None when everything matches or
@@ -103,8 +111,8 @@ def verify(d: str, names: Optional[list[str]] = None) -> Optional[str]:
     return None
 
 
-def check(d: str) -> None:
-    """verify(d) in this process, raising LingConfigError on a mismatch (the converters)."""
-    problem = verify(d)
+def check(d: str, names: Optional[list[str]] = None) -> None:
+    """verify(d, names) in this process, raising LingConfigError on a mismatch (the converters)."""
+    problem = verify(d, names)
     if problem:
         raise LingConfigError(problem)

@@ -1,9 +1,11 @@
 """Shared pieces of the converters: output checks, progress (the atomic output directory is
-``parallel_exec``'s staging)."""
+``parallel_exec``'s staging), and file-to-file copies of stored tensor bytes in the kernel."""
 from __future__ import annotations
 
+import errno
 import os
 import sys
+from typing import NamedTuple
 
 from megatron_ling.errors import LingConfigError
 
@@ -32,3 +34,57 @@ def progress(total: int, desc: str, enabled: bool = True):
 
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
                 disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+
+
+class Span(NamedTuple):
+    """``length`` bytes at ``offset`` of the open file ``fd``: a tensor's bytes as stored (in a
+    .distcp record or a safetensors shard)."""
+
+    fd: int
+    offset: int
+    length: int
+
+
+def write_all(f, data) -> None:
+    """write() until every byte is out (an unbuffered file may write less than asked)."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[f.write(view):]
+
+
+_NO_COPY_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF)
+
+
+def copy_range(src_fd: int, offset: int, length: int, dst_fd: int) -> None:
+    """``length`` bytes of ``src_fd`` from ``offset`` to ``dst_fd`` at its current offset (which
+    advances), in the kernel: copy_file_range(2); sendfile(2) where that is refused (a kernel
+    before 5.3 across filesystems, some network filesystems); pread + write as the last resort."""
+    done = 0
+    try:
+        while done < length:
+            n = os.copy_file_range(src_fd, dst_fd, length - done, offset + done)
+            if n == 0:
+                raise OSError(errno.EIO, f"copy_file_range: source ended {length - done} bytes early")
+            done += n
+        return
+    except OSError as e:
+        if e.errno not in _NO_COPY_RANGE or done:
+            raise
+    try:
+        while done < length:
+            n = os.sendfile(dst_fd, src_fd, offset + done, length - done)
+            if n == 0:
+                raise OSError(errno.EIO, f"sendfile: source ended {length - done} bytes early")
+            done += n
+        return
+    except OSError as e:
+        if e.errno not in _NO_COPY_RANGE or done:
+            raise
+    while done < length:
+        b = os.pread(src_fd, min(64 << 20, length - done), offset + done)
+        if not b:
+            raise OSError(errno.EIO, f"pread: source ended {length - done} bytes early")
+        view = memoryview(b)
+        while view:
+            view = view[os.write(dst_fd, view):]
+        done += len(b)

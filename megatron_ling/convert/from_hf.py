@@ -165,13 +165,17 @@ class FromHFJob(Job):
         for unit in self.groups[i]:
             for role in M.layer_roles(cfg, unit):
                 out_dtype = self.want[(unit, role)]
+                names = [name for name, _ in M.hf_names(cfg, unit, role)]
                 ts = []
-                for name, _ in M.hf_names(cfg, unit, role):
+                for name in names:
                     t = reader.get_weight(name, out_dtype)
                     report(nbytes(reader.meta[name][1], reader.meta[name][2]))
                     ts.append(t)
+                # stored as the checkpoint keeps them (same dtype, one chunk each): copied in the kernel
+                as_stored = M.chunks_are_hf_tensors(role) and all(reader.meta[n][2] == out_dtype for n in names)
                 writer.add_chunks(M.megatron_key(unit, role), M.megatron_shape(cfg, role), out_dtype,
-                                  M.role_chunks_from_hf(cfg, role, ts))
+                                  M.role_chunks_from_hf(cfg, role, ts),
+                                  spans=[reader.span(n) for n in names] if as_stored else None)
                 del ts
                 for k in M.extra_state_keys(cfg, unit, role):
                     writer.add_object(k, None)

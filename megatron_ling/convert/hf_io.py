@@ -10,7 +10,6 @@ or truncated shard is one clear error, not a crash half way), then reads tensors
 """
 from __future__ import annotations
 
-import errno
 import json
 import math
 import mmap
@@ -19,6 +18,7 @@ import struct
 
 import torch
 
+from megatron_ling.convert.common import Span, copy_range, write_all
 from megatron_ling.errors import LingConfigError
 
 _ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
@@ -122,12 +122,12 @@ class ShardFile:
         h = json.dumps(header, separators=(",", ":")).encode()
         h += b" " * (-len(h) % 8)
         self._f = open(path, "wb", buffering=0)  # unbuffered: ``copy`` moves the file offset itself
-        _write_all(self._f, struct.pack("<Q", len(h)) + h)
+        write_all(self._f, struct.pack("<Q", len(h)) + h)
         self._pos = 0
 
     def write(self, name: str, t: torch.Tensor) -> None:
         self._check(name, tuple(t.shape), t.dtype, t.numel() * t.element_size())
-        _write_all(self._f, t.contiguous().view(-1).view(torch.uint8).numpy().data)
+        write_all(self._f, t.contiguous().view(-1).view(torch.uint8).numpy().data)
         self._pos += 1
 
     def copy(self, name: str, span) -> None:
@@ -153,51 +153,6 @@ class ShardFile:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
-
-
-def _write_all(f, data) -> None:
-    """write() until every byte is out (an unbuffered file may write less than asked)."""
-    view = memoryview(data).cast("B")
-    while view:
-        view = view[f.write(view):]
-
-
-_NO_COPY_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF)
-
-
-def copy_range(src_fd: int, offset: int, length: int, dst_fd: int) -> None:
-    """``length`` bytes of ``src_fd`` from ``offset`` to ``dst_fd`` at its current offset (which
-    advances), in the kernel: copy_file_range(2); sendfile(2) where that is refused (a kernel
-    before 5.3 across filesystems, some network filesystems); pread + write as the last resort."""
-    done = 0
-    try:
-        while done < length:
-            n = os.copy_file_range(src_fd, dst_fd, length - done, offset + done)
-            if n == 0:
-                raise OSError(errno.EIO, f"copy_file_range: source ended {length - done} bytes early")
-            done += n
-        return
-    except OSError as e:
-        if e.errno not in _NO_COPY_RANGE or done:
-            raise
-    try:
-        while done < length:
-            n = os.sendfile(dst_fd, src_fd, offset + done, length - done)
-            if n == 0:
-                raise OSError(errno.EIO, f"sendfile: source ended {length - done} bytes early")
-            done += n
-        return
-    except OSError as e:
-        if e.errno not in _NO_COPY_RANGE or done:
-            raise
-    while done < length:
-        b = os.pread(src_fd, min(64 << 20, length - done), offset + done)
-        if not b:
-            raise OSError(errno.EIO, f"pread: source ended {length - done} bytes early")
-        view = memoryview(b)
-        while view:
-            view = view[os.write(dst_fd, view):]
-        done += len(b)
 
 
 def write_safetensors(out_dir: str, plan: list[tuple[str, tuple, torch.dtype]], shard_size: int, tensors) -> int:
@@ -293,6 +248,17 @@ class HFReader:
             raise LingConfigError(f"hf: {fn} ended while reading {name}; the shard is truncated")
         mm = mmap.mmap(fd, lead + n, access=mmap.ACCESS_COPY, offset=off - lead)
         return torch.frombuffer(mm, dtype=torch.uint8, count=n, offset=lead).view(dtype).reshape(shape)
+
+    def span(self, name: str) -> Span:
+        """Where tensor ``name``'s bytes lie in its shard (what from-hf copies in the kernel when the
+        tensor is stored as the checkpoint keeps it)."""
+        fn = self.meta[name][0]
+        if fn not in self._handles:
+            self._handles[fn] = os.open(os.path.join(self.dir, fn), os.O_RDONLY)
+        off, n = self._where[name]
+        if os.fstat(self._handles[fn]).st_size < off + n:
+            raise LingConfigError(f"hf: {fn} ended while reading {name}; the shard is truncated")
+        return Span(self._handles[fn], off, n)
 
     def get_weight(self, name: str, dtype: torch.dtype | None) -> torch.Tensor:
         """A weight, dequantized when the checkpoint stores it as FP8 with a ``_scale_inv``."""

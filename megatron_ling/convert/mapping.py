@@ -312,6 +312,13 @@ def role_chunks_from_hf(cfg: LingConfig, role: str, ts: list[torch.Tensor]):
     return [((0,) * t.dim(), t)]
 
 
+def chunks_are_hf_tensors(role: str) -> bool:
+    """Whether ``role_chunks_from_hf`` yields the HF tensors themselves, one chunk each, in
+    ``hf_names`` order (only reshaped: an expert axis of 1): then a chunk's bytes are exactly its
+    HF tensor's bytes, and from-hf can copy them file to file. Not for QKV (rows regrouped)."""
+    return BY_ROLE[role].transform != QKV
+
+
 def role_from_hf(cfg: LingConfig, role: str, ts: list[torch.Tensor], stack: bool = True):
     """Inverse of ``role_to_hf``. For expert roles with ``stack=False``: the list of per-expert
     Megatron tensors, made one at a time (the global ``[E, ...]`` tensor is never materialised)."""

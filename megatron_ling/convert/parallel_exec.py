@@ -33,6 +33,7 @@ import socket
 import tempfile
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from megatron_ling.convert.common import check_output, progress
@@ -69,6 +70,10 @@ class Job:
     def finalize(self, out_dir: str, records: list[dict]) -> None:
         """Write what needs every unit (index, metadata, config), ``records`` in unit order."""
         raise NotImplementedError
+
+    def verify_inputs(self) -> None:
+        """Check the inputs' integrity (LingConfigError when one is corrupt). ``execute`` runs it
+        beside the units where a failure discards everything they wrote (one rank), else first."""
 
 
 @dataclass
@@ -216,9 +221,10 @@ def _worker_main() -> int:
     return 0
 
 
-def _run_pool(job: Job, todo: list[int], staging: str, workers: int, bar) -> dict:
+def _run_pool(job: Job, todo: list[int], staging: str, workers: int, bar, poll=lambda: None) -> dict:
     """Run ``todo`` on ``workers`` processes, each a disjoint share (``partition`` by cost); the
-    first failure terminates the others and is raised. Returns pid -> peak RSS."""
+    first failure (or ``poll()`` raising, checked at least once a second) terminates the others
+    and is raised. Returns pid -> peak RSS."""
     import pickle
     import selectors
     import subprocess
@@ -238,7 +244,12 @@ def _run_pool(job: Job, todo: list[int], staging: str, workers: int, bar) -> dic
     rss, error, open_pipes = {}, None, len(procs)
     try:
         while open_pipes and error is None:
-            for key, _ in sel.select():
+            try:
+                poll()
+            except Exception as e:  # noqa: BLE001 - raised below, after the workers are stopped
+                error = e
+                break
+            for key, _ in sel.select(timeout=1.0):
                 p = key.data
                 line = p.stdout.readline()
                 if not line:
@@ -291,24 +302,45 @@ def execute(job: Job, out_dir: str, workers: int = 1, rank: int = 0, world_size:
         # it must neither refuse the existing output nor re-create a staging dir that nobody cleans.
         return ExecResult(False, [], [], None, time.perf_counter() - t0, {}, [])
     check_output(out_dir, force, job.inputs)
+    if world_size > 1:
+        # several ranks keep the units they finished after a failure, for a rerun to skip: a unit
+        # made from a corrupt input must never be kept, so the inputs are checked before any runs
+        job.verify_inputs()
     staging, own = _open_staging(job, out_dir, world_size)
+    check = None
     try:
+        if own:
+            # one rank: the staging dir goes on any failure, so the (CPU-bound) check may run
+            # beside the (I/O-bound) units; nothing is finalized or published before it passed,
+            # and a failed check stops the units at once (1T: not hours later)
+            pool = ThreadPoolExecutor(1, thread_name_prefix="verify-inputs")
+            check = pool.submit(job.verify_inputs)
+            pool.shutdown(wait=False)
         skipped = [i for i in mine if _done(staging, i) is not None]
         todo = [i for i in mine if i not in skipped]
         bar = progress(sum(job.units[i].cost for i in todo), desc, show_progress)
+        def poll():
+            if check is not None and check.done():
+                check.result()
+
         if workers == 1:
             for i in todo:
+                poll()
                 _run_and_mark(job, i, staging, bar.update)
             rss = {os.getpid(): resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024} if todo else {}
         else:
-            rss = _run_pool(job, todo, staging, workers, bar)
+            rss = _run_pool(job, todo, staging, workers, bar, poll)
         bar.close()
+        if check is not None:
+            check.result()
         records = [_done(staging, i) for i in range(len(job.units))]
         missing = sum(r is None for r in records)
         finalized = missing == 0 and _finalize(job, staging, out_dir, records, force)
-    except BaseException:
+    except BaseException as e:
         if own:
             shutil.rmtree(staging, ignore_errors=True)
+        if check is not None and isinstance(e, Exception) and check.exception() is not None:
+            raise check.exception() from None  # a unit tripped over the corrupt input the check names
         raise
     return ExecResult(finalized, todo, skipped, missing, time.perf_counter() - t0, rss,
                       records if finalized else [])

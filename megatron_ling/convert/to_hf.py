@@ -16,11 +16,11 @@ import torch
 
 from megatron_ling.config_utils import read_json
 from megatron_ling.convert import mapping as M
-from megatron_ling.convert.common import DTYPES
+from megatron_ling.convert.common import DTYPES, Span
 from megatron_ling.convert.hf_io import FP8_QUANT_CONFIG, ShardPlan, fp8_eligible, fp8_quantize, fp8_scale_shape
 from megatron_ling.convert.parallel_exec import (ExecResult, Job, Unit, execute, preflight, resolve_rank,
                                                  summary as _summary)
-from megatron_ling.convert.torch_dist import Span, TorchDistReader
+from megatron_ling.convert.torch_dist import TorchDistReader
 from megatron_ling.errors import LingConfigError
 from megatron_ling.models.config import LingConfig
 
@@ -198,6 +198,14 @@ class ToHFJob(Job):
         f.close()
         return {"files": [self.shards.files[i]]}
 
+    data_files: list = []  # the checkpoint's .distcp files to check against its manifest
+
+    def verify_inputs(self) -> None:
+        if self.data_files:
+            from megatron_ling.checkpoint import manifest
+
+            manifest.check(self.ckpt, self.data_files)
+
     def finalize(self, out_dir: str, records: list[dict]) -> None:
         self.shards.write_index(out_dir)
         if self.hf_files:
@@ -248,7 +256,14 @@ def to_hf(ckpt_dir: str, out_dir: str, dtype: str = "bf16", mtp: str = "keep", s
     preflight(out_dir, force, tuple(getattr(ckpt_dir, "inputs", ())) if in_process else (ckpt_dir,), world_size)
     if hf_files is not None and not os.path.isdir(hf_files):
         raise LingConfigError(f"--hf-files: {hf_files} is not a directory")
-    reader = ckpt_dir if in_process else TorchDistReader(ckpt_dir, verify_checksums=verify_checksums)
+    data_files = []  # checked against the manifest beside the conversion (ToHFJob.verify_inputs)
+    if not in_process and verify_checksums:
+        from megatron_ling.checkpoint import manifest
+        from megatron_ling.checkpoint.layout import resolve
+
+        small, data_files = manifest.split(resolve(ckpt_dir))
+        manifest.check(resolve(ckpt_dir), small)  # read while planning: checked first
+    reader = ckpt_dir if in_process else TorchDistReader(ckpt_dir, verify_checksums=False)
     cfg = load_config(reader, config)
     keys = index_checkpoint(reader, cfg)
     keep_mtp = mtp == "keep" and cfg.num_nextn_predict_layers > 0
@@ -270,6 +285,7 @@ def to_hf(ckpt_dir: str, out_dir: str, dtype: str = "bf16", mtp: str = "keep", s
                 else:
                     plan.append((name, shape, wdtype))
     job = ToHFJob(reader, cfg, slots, plan, shard_size, dtype, hf_config(out_cfg, dtype, hf_files), hf_files)
+    job.data_files = data_files
     r = execute(job, out_dir, workers, rank, world_size, force, show_progress, "to-hf")
     written = sum(job.units[i].cost for i in r.ran)
     read = sum(reader.tensors[k].size.numel() * reader.dtype(k).itemsize for k in slots.values())

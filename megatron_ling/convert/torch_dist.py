@@ -24,7 +24,7 @@ import os
 import pickle
 import sys
 import zlib
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.planner import LoadPlan
 
 from megatron_ling.checkpoint import layout, manifest
 from megatron_ling.checkpoint.metadata import read_metadata
+from megatron_ling.convert.common import Span, copy_range, write_all
 from megatron_ling.errors import LingConfigError
 
 MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
@@ -230,14 +231,6 @@ class TorchDistReader:
         return torch.load(io.BufferedReader(window, 1 << 16), map_location="cpu", weights_only=True)
 
 
-class Span(NamedTuple):
-    """``length`` bytes at ``offset`` of the open file ``fd``: a tensor's bytes as stored."""
-
-    fd: int
-    offset: int
-    length: int
-
-
 def _row_major_run(shape: tuple[int, ...], offsets: list[int], sizes: tuple[int, ...]) -> Optional[tuple[int, int]]:
     """(first element, element count) of the box ``offsets``/``sizes`` of a row-major array of
     ``shape`` when the box is one contiguous run of it (leading dims of size 1, then one partial
@@ -300,6 +293,7 @@ class _CrcFile:
         self._f = f
         self.crc = 0
         self.pos = 0
+        self._hole = None  # (Span, its bytes as a buffer) to fill where torch.save skips the storage
 
     def write(self, b) -> int:
         self.crc = zlib.crc32(b, self.crc)
@@ -310,14 +304,72 @@ class _CrcFile:
     def tell(self) -> int:
         return self.pos
 
+    def arm(self, span: Span, data) -> None:
+        """The next storage torch.save skips (``skip_data``: it seeks over the storage's bytes)
+        is filled from ``span`` in the kernel; ``data`` (the same bytes, mapped) feeds the CRC."""
+        self._hole = (span, data)
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if self._hole is None or whence != 1 or pos != self._hole[0].length:
+            raise io.UnsupportedOperation(f"seek({pos}, {whence}) is not the armed storage hole")
+        span, data = self._hole
+        self._hole = None
+        self._f.flush()
+        copy_range(span.fd, span.offset, span.length, self._f.fileno())
+        self.crc = zlib.crc32(data, self.crc)
+        self.pos += span.length
+        return self.pos
+
     def flush(self) -> None:
         self._f.flush()
 
     def close(self) -> None:
-        """flush, fsync, close."""
+        """flush, fsync, close (after checking every byte landed where it was counted)."""
         self._f.flush()
+        size = os.fstat(self._f.fileno()).st_size
+        if size != self.pos:
+            raise AssertionError(f"{self._f.name}: {size} bytes on disk, {self.pos} written")
         os.fsync(self._f.fileno())
         self._f.close()
+
+
+_SKIP_DATA_SEEKS = None
+
+
+def skip_data_seeks_over_storage() -> bool:
+    """Whether this torch's ``torch.save`` under ``torch.serialization.skip_data`` writes a record
+    whose storage bytes are skipped by one relative seek of exactly their size (torch 2.5+ does;
+    it is how :class:`TorchDistWriter` lets the kernel copy a stored tensor into the record).
+    Probed once per process; where it does not hold, every tensor goes through torch.save."""
+    global _SKIP_DATA_SEEKS
+    if _SKIP_DATA_SEEKS is None:
+        class Probe:
+            def __init__(self):
+                self.pos, self.seeks = 0, []
+
+            def write(self, b):
+                self.pos += memoryview(b).nbytes
+                return memoryview(b).nbytes
+
+            def tell(self):
+                return self.pos
+
+            def seek(self, pos, whence=0):
+                self.seeks.append((pos, whence))
+                self.pos = pos if whence == 0 else self.pos + pos
+                return self.pos
+
+            def flush(self):
+                pass
+
+        probe = Probe()
+        try:
+            with torch.serialization.skip_data():
+                torch.save(torch.empty(4096, dtype=torch.bfloat16), probe)
+            _SKIP_DATA_SEEKS = probe.seeks == [(8192, 1)]
+        except Exception:  # noqa: BLE001 - an older torch or a changed writer: the plain path
+            _SKIP_DATA_SEEKS = False
+    return _SKIP_DATA_SEEKS
 
 
 class TorchDistWriter:
@@ -334,7 +386,10 @@ class TorchDistWriter:
         self.storage: list = []  # [key, offsets (None for objects), start, length]
         self.bytes_written = 0
 
-    def _write_chunk(self, key: str, t: torch.Tensor, offsets: tuple[int, ...]):
+    def _write_chunk(self, key: str, t: torch.Tensor, offsets: tuple[int, ...], span: Optional[Span] = None):
+        """One torch.save record of chunk ``t``. With ``span`` (where ``t``'s exact bytes are
+        stored in an input file) the record is written around a hole that the kernel fills from
+        the input (``_CrcFile.arm``): the tensor's bytes never pass through a user-space write()."""
         from torch.utils.serialization import config as ser_config
 
         f = self._f
@@ -342,26 +397,40 @@ class TorchDistWriter:
         t = t.contiguous()
         if t.untyped_storage().nbytes() != t.numel() * t.element_size():
             t = t.clone()  # torch.save writes a view's whole storage: keep only this chunk's bytes
+        hole = span is not None and t.numel() > 0 and skip_data_seeks_over_storage()
+        if hole:
+            if span.length != t.numel() * t.element_size():
+                raise AssertionError(f"{key}: span of {span.length} bytes for a {tuple(t.shape)} {t.dtype} chunk")
+            f.arm(span, t.view(-1).view(torch.uint8).numpy())
         # zip CRC32 costs ~20% of the conversion time; torch.load does not need it, and .distcp
-        # truncation is caught by sizes against the metadata (TorchDistReader._check_files)
+        # truncation is caught by sizes against the metadata (TorchDistReader._check_files); the
+        # checksum manifest covers every byte of the file
         old = ser_config.save.compute_crc32
         ser_config.save.compute_crc32 = False
         try:
-            torch.save(t, f)
+            if hole:
+                with torch.serialization.skip_data():
+                    torch.save(t, f)
+                if f._hole is not None:
+                    raise AssertionError(f"{key}: torch.save did not skip the storage it was to skip")
+            else:
+                torch.save(t, f)
         finally:
             ser_config.save.compute_crc32 = old
         length = f.tell() - start
         self.bytes_written += length
         self.storage.append([key, list(offsets), start, length])
 
-    def add_chunks(self, key: str, shape, dtype: torch.dtype, chunks) -> None:
+    def add_chunks(self, key: str, shape, dtype: torch.dtype, chunks, spans=None) -> None:
         """Write the global tensor ``key`` of ``shape`` as the given (offsets, tensor) chunks
-        (consumed lazily; together they must tile the tensor exactly)."""
+        (consumed lazily; together they must tile the tensor exactly). ``spans``, one per chunk:
+        where each chunk's exact bytes lie in an input file, to be copied in the kernel."""
         md, n = [], 0
+        spans = iter(spans) if spans is not None else None
         for off, x in chunks:
             if x.dtype != dtype:
                 raise ValueError(f"{key}: chunk dtype {x.dtype} != {dtype}")
-            self._write_chunk(key, x, off)
+            self._write_chunk(key, x, off, next(spans) if spans is not None else None)
             md.append([list(off), list(x.shape)])
             n += x.numel()
         if n != torch.Size(shape).numel():
