@@ -6,7 +6,7 @@ then times, each in a fresh subprocess, --reps times in alternation (median repo
 
   copy      a durable copy of the step's input (copytree + fsync): the I/O ceiling, same run
   write     the same bytes written from memory with write() + fsync: the ceiling of anything that
-            writes from user memory (every converter does), same run
+            writes from user memory (the converters' casts, QKV, record framing), same run
   from-hf   HF dir -> torch_dist checkpoint, with each --workers count
   to-hf     that torch_dist checkpoint -> HF dir (bf16), with each --workers count
 
@@ -89,8 +89,9 @@ def copy_cmd(src: str, dst: str) -> list[str]:
 
 def write_cmd(src: str, dst: str) -> list[str]:
     """The user-space write ceiling: the same bytes, file by file, read into memory first (not
-    timed), then written with write() from that memory and fsynced (timed). Every converter writes
-    from user memory like this; a copy (sendfile/copy_file_range) never leaves the kernel."""
+    timed), then written with write() from that memory and fsynced (timed): the ceiling of what a
+    converter writes from user memory (casts, QKV, record framing); what it copies in the kernel
+    (copy_file_range, like the durable copy's sendfile) is not bound by it."""
     code = (f"import os, time\nos.makedirs({dst!r})\ntotal = 0.0\n"
             f"for r, _, fs in os.walk({src!r}):\n"
             f"    for n in fs:\n"
