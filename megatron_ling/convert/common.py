@@ -45,11 +45,12 @@ class Span(NamedTuple):
     length: int
 
 
-def write_all(f, data) -> None:
-    """write() until every byte is out (an unbuffered file may write less than asked)."""
+def write_all(write, data) -> None:
+    """``write`` (a file's write, or os.write on an fd) until every byte is out: an unbuffered
+    write may take less than asked."""
     view = memoryview(data).cast("B")
     while view:
-        view = view[f.write(view):]
+        view = view[write(view):]
 
 
 _NO_COPY_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF)
@@ -59,32 +60,24 @@ def copy_range(src_fd: int, offset: int, length: int, dst_fd: int) -> None:
     """``length`` bytes of ``src_fd`` from ``offset`` to ``dst_fd`` at its current offset (which
     advances), in the kernel: copy_file_range(2); sendfile(2) where that is refused (a kernel
     before 5.3 across filesystems, some network filesystems); pread + write as the last resort."""
+
+    def pread_write(at: int, n: int) -> int:
+        b = os.pread(src_fd, min(64 << 20, n), at)
+        write_all(lambda v: os.write(dst_fd, v), b)
+        return len(b)
+
+    ways = (("copy_file_range", lambda at, n: os.copy_file_range(src_fd, dst_fd, n, at)),
+            ("sendfile", lambda at, n: os.sendfile(dst_fd, src_fd, at, n)),
+            ("pread", pread_write))
     done = 0
-    try:
-        while done < length:
-            n = os.copy_file_range(src_fd, dst_fd, length - done, offset + done)
-            if n == 0:
-                raise OSError(errno.EIO, f"copy_file_range: source ended {length - done} bytes early")
-            done += n
-        return
-    except OSError as e:
-        if e.errno not in _NO_COPY_RANGE or done:
-            raise
-    try:
-        while done < length:
-            n = os.sendfile(dst_fd, src_fd, offset + done, length - done)
-            if n == 0:
-                raise OSError(errno.EIO, f"sendfile: source ended {length - done} bytes early")
-            done += n
-        return
-    except OSError as e:
-        if e.errno not in _NO_COPY_RANGE or done:
-            raise
-    while done < length:
-        b = os.pread(src_fd, min(64 << 20, length - done), offset + done)
-        if not b:
-            raise OSError(errno.EIO, f"pread: source ended {length - done} bytes early")
-        view = memoryview(b)
-        while view:
-            view = view[os.write(dst_fd, view):]
-        done += len(b)
+    for k, (what, step) in enumerate(ways):
+        try:
+            while done < length:
+                n = step(offset + done, length - done)
+                if n == 0:
+                    raise OSError(errno.EIO, f"{what}: source ended {length - done} bytes early")
+                done += n
+            return
+        except OSError as e:  # refused before any byte moved: the next way
+            if e.errno not in _NO_COPY_RANGE or done or k == len(ways) - 1:
+                raise

@@ -122,16 +122,16 @@ class ShardFile:
         h = json.dumps(header, separators=(",", ":")).encode()
         h += b" " * (-len(h) % 8)
         self._f = open(path, "wb", buffering=0)  # unbuffered: ``copy`` moves the file offset itself
-        write_all(self._f, struct.pack("<Q", len(h)) + h)
+        write_all(self._f.write, struct.pack("<Q", len(h)) + h)
         self._pos = 0
 
     def write(self, name: str, t: torch.Tensor) -> None:
         self._check(name, tuple(t.shape), t.dtype, t.numel() * t.element_size())
-        write_all(self._f, t.contiguous().view(-1).view(torch.uint8).numpy().data)
+        write_all(self._f.write, t.contiguous().view(-1).view(torch.uint8).numpy().data)
         self._pos += 1
 
     def copy(self, name: str, span) -> None:
-        """The next planned tensor's bytes straight from ``span`` (a ``torch_dist.Span``: the
+        """The next planned tensor's bytes straight from ``span`` (a ``common.Span``: the
         tensor as stored in a .distcp file) without bringing them into this process:
         copy_file_range(2) where the kernel and filesystems allow, else sendfile(2), else pread
         and write. A user-space write() is the slow part of a conversion on many machines."""

@@ -261,8 +261,9 @@ def to_hf(ckpt_dir: str, out_dir: str, dtype: str = "bf16", mtp: str = "keep", s
         from megatron_ling.checkpoint import manifest
         from megatron_ling.checkpoint.layout import resolve
 
-        small, data_files = manifest.split(resolve(ckpt_dir))
-        manifest.check(resolve(ckpt_dir), small)  # read while planning: checked first
+        path = resolve(ckpt_dir)
+        small, data_files = manifest.split(path)
+        manifest.check(path, small)  # read while planning: checked first
     reader = ckpt_dir if in_process else TorchDistReader(ckpt_dir, verify_checksums=False)
     cfg = load_config(reader, config)
     keys = index_checkpoint(reader, cfg)

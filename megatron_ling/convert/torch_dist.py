@@ -154,23 +154,20 @@ class TorchDistReader:
     def read_view(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
         """The box ``offsets``/``sizes`` of ``key``: a view into the one saved chunk that contains it
         (no assembly copy; the last chunk loaded is kept for the next box), else assembled by ``read``."""
-        md = self.tensors[key]
-        for c in md.chunks:
-            if all(co <= o and o + z <= co + cz for o, z, co, cz in zip(offsets, sizes, c.offsets, c.sizes)):
-                index = MetadataIndex(key, c.offsets)
-                if self.metadata.storage_data[index].transform_descriptors:
-                    break
-                if self._cached[0] != index:
-                    self._cached = (None, None)  # drop the old chunk before loading the next one
-                    try:
-                        self._cached = (index, self._load_chunk(index))
-                    except Exception as e:
-                        raise _corrupt(key, e) from None
-                t = self._cached[1]
-                for dim, (o, z, co) in enumerate(zip(offsets, sizes, c.offsets)):
-                    t = t.narrow(dim, o - co, z)
-                return t
-        return self.read(key, offsets, sizes)
+        c = self._chunk_holding(key, offsets, sizes)
+        index = MetadataIndex(key, c.offsets) if c is not None else None
+        if index is None or self.metadata.storage_data[index].transform_descriptors:
+            return self.read(key, offsets, sizes)
+        if self._cached[0] != index:
+            self._cached = (None, None)  # drop the old chunk before loading the next one
+            try:
+                self._cached = (index, self._load_chunk(index))
+            except Exception as e:
+                raise _corrupt(key, e) from None
+        t = self._cached[1]
+        for dim, (o, z, co) in enumerate(zip(offsets, sizes, c.offsets)):
+            t = t.narrow(dim, o - co, z)
+        return t
 
     def span(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> Optional[Span]:
         """Where the bytes of the box ``offsets``/``sizes`` of ``key`` lie in the data files, as one
@@ -181,20 +178,26 @@ class TorchDistReader:
         reading them into memory and writing them back. None otherwise (read with ``read_view``)."""
         if sys.byteorder != "little":  # the bytes are copied as stored; safetensors is little-endian
             return None
-        md = self.tensors[key]
-        for c in md.chunks:
+        c = self._chunk_holding(key, offsets, sizes)
+        if c is None:
+            return None
+        index = MetadataIndex(key, c.offsets)
+        if index not in self._records:
+            self._records[index] = self._record_start(index)
+        start = self._records[index]
+        run = _row_major_run(tuple(c.sizes), [o - co for o, co in zip(offsets, c.offsets)], tuple(sizes))
+        if start is None or run is None:
+            return None
+        item = self.tensors[key].properties.dtype.itemsize
+        info = self.metadata.storage_data[index]
+        return Span(self._fd(info.relative_path), start + run[0] * item, run[1] * item)
+
+    def _chunk_holding(self, key: str, offsets, sizes):
+        """The saved chunk of ``key`` that contains the whole box ``offsets``/``sizes``, or None
+        (the box spans several chunks: a TP shard boundary)."""
+        for c in self.tensors[key].chunks:
             if all(co <= o and o + z <= co + cz for o, z, co, cz in zip(offsets, sizes, c.offsets, c.sizes)):
-                index = MetadataIndex(key, c.offsets)
-                if index not in self._records:
-                    self._records[index] = self._record_start(index)
-                start = self._records[index]
-                rel = [o - co for o, co in zip(offsets, c.offsets)]
-                run = _row_major_run(tuple(c.sizes), rel, tuple(sizes))
-                if start is None or run is None:
-                    return None
-                item = md.properties.dtype.itemsize
-                info = self.metadata.storage_data[index]
-                return Span(self._fd(info.relative_path), start + run[0] * item, run[1] * item)
+                return c
         return None
 
     def _record_start(self, index) -> Optional[int]:
