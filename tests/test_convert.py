@@ -62,6 +62,17 @@ def ids_for(cfg, seed=0, b=2, s=24):
     return torch.randint(0, cfg.vocab_size, (b, s), generator=torch.Generator().manual_seed(seed))
 
 
+def assert_same_tensors(a, b):
+    """Two torch_dist checkpoints hold the same keys with equal tensors (however they are filed)."""
+    from megatron_ling.convert.torch_dist import TorchDistReader
+
+    ra, rb = TorchDistReader(a), TorchDistReader(b)
+    assert set(ra.tensors) == set(rb.tensors) and ra.tensors
+    for k in ra.tensors:
+        x, y = ra.read(k), rb.read(k)
+        assert x.dtype == y.dtype and torch.equal(x, y), k
+
+
 def megatron_tp1(ckpt, ids):
     """(logits, MTP loss) of the checkpoint loaded by megatron at TP1, in a harness rank."""
     return layout_forward(ckpt, CFG, {}, 1, ids)
@@ -162,13 +173,28 @@ def test_from_hf_matches_reference_at_two_layouts(ckpts, work):
     assert open(os.path.join(imp, "latest_checkpointed_iteration.txt")).read() == "0"
     common = torch.load(os.path.join(imp, "iter_0000000", "common.pt"), weights_only=True)
     assert common["model_only"] and common["iteration"] == 0 and common["ling_config"]["hidden_size"] == 64
+    # --file-size below a MoE layer's size: its experts are split between files, and the files
+    # keep to the size (only a single tensor larger than it, the embedding, gets a file alone)
+    split, size = str(work / "imported_fp32_split"), 100_000
+    from_hf(hf, split, file_size=size, show_progress=False)
+    assert_same_tensors(imp, split)
+    md = pickle.load(open(os.path.join(split, "iter_0000000", ".metadata"), "rb"))
+    files_of = {}
+    for idx, info in md.storage_data.items():
+        files_of.setdefault(idx.fqn, set()).add(info.relative_path)
+    fc1 = "decoder.layers.1.mlp.experts.experts.linear_fc1.weight"
+    assert fc1 in files_of and len(files_of[fc1]) >= 2, files_of.get(fc1)
+    for f in glob.glob(os.path.join(split, "iter_0000000", "*.distcp")):
+        n_records = sum(info.relative_path == os.path.basename(f) for info in md.storage_data.values())
+        assert os.path.getsize(f) <= size + 4096 * n_records or n_records == 1, (f, os.path.getsize(f))
     ids = ids_for(CFG)
     ref = reference_logits(reference_model(hf), ids)
     # layout 1: TP1 in this process
     tp1, _ = megatron_tp1(imp, ids)
     assert (tp1 - ref).abs().max().item() <= TOL
-    # layout 2: EP2 on two gloo ranks (each rank holds 4 of the 8 experts), strict key check
-    ep2, _ = layout_forward(imp, CFG, dict(ep=2), 2, ids)
+    # layout 2: EP2 on two gloo ranks (each rank holds 4 of the 8 experts), strict key check; from
+    # the split import: megatron-core itself reads a tensor whose chunks lie in several files
+    ep2, _ = layout_forward(split, CFG, dict(ep=2), 2, ids)
     assert (ep2 - ref).abs().max().item() <= TOL
     # exactly the keys (tensors and ShardedObjects) megatron-core itself writes for this model
     md_imp = pickle.load(open(os.path.join(imp, "iter_0000000", ".metadata"), "rb")).state_dict_metadata

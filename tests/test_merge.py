@@ -122,6 +122,20 @@ def test_merge_workers_write_the_same_tensors_with_a_checksum_manifest(two_layou
     assert len(glob.glob(os.path.join(d2, "*.distcp"))) >= 3  # several units: the workers shared them
     a, b = _tensors(one), _tensors(two)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # 20KB is below an expert stack's size (8 experts, 64 KB): its experts are split between files,
+    # the files keep to the size, and the tensors are still the mean
+    x, y = _tensors(os.path.join(two_layouts, "iter_0000010")), _tensors(os.path.join(two_layouts, "iter_0000020"))
+    assert all(torch.equal(a[k], (x[k].float() * 0.5 + y[k].float() * 0.5).to(x[k].dtype)) for k in a)
+    md = TorchDistReader(one).metadata
+    fc1 = "decoder.layers.1.mlp.experts.experts.linear_fc1.weight"
+    assert len({info.relative_path for idx, info in md.storage_data.items() if idx.fqn == fc1}) >= 3
+    per_file = {}  # the tensor records of each file (the last also holds the carried objects)
+    for idx, info in md.storage_data.items():
+        if idx.offset is not None:
+            per_file.setdefault(info.relative_path, []).append(info.length)
+    assert len(per_file) >= 3
+    for f, lengths in per_file.items():
+        assert sum(lengths) <= 20 * 1024 + 4096 * len(lengths) or len(lengths) == 1, (f, lengths)
     for d in (d1, d2):  # written by write_metadata before the rename, and it verifies
         assert sorted(manifest.read_manifest(d)) == manifest.checkpoint_files(d) and manifest.verify(d) is None
     capsys.readouterr()

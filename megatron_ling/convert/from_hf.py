@@ -24,8 +24,8 @@ import torch
 from megatron_ling.convert import mapping as M
 from megatron_ling.checkpoint import layout
 from megatron_ling.convert.hf_io import HFReader, fp8_scale_shape, nbytes
-from megatron_ling.convert.parallel_exec import (ExecResult, Job, Unit, execute, preflight, resolve_rank,
-                                                 summary as _summary)
+from megatron_ling.convert.parallel_exec import (ExecResult, Job, Unit, execute, pack_files, preflight,
+                                                 resolve_rank, summary as _summary)
 from megatron_ling.convert.torch_dist import TorchDistWriter, write_metadata
 from megatron_ling.errors import LingConfigError
 from megatron_ling.models.config import LingConfig
@@ -125,28 +125,39 @@ def from_hf(hf_dir: str, out_dir: str, dtype: str = "auto", mtp: str = "keep", f
 
 
 class FromHFJob(Job):
-    """One unit per planned ``.distcp`` file: consecutive conversion units (embeddings, layers,
-    final) packed up to ``file_size`` bytes (a larger layer gets its own file). A worker reads the
-    unit's HF tensors one role at a time, writes them as Megatron chunks and returns the file's
-    metadata record; ``finalize`` pickles ``.metadata`` from all records and writes the tracker."""
+    """One unit per planned ``.distcp`` file. The HF tensors are packed into files in conversion
+    order (embeddings, layers, MTP, final) up to ``file_size`` bytes each: a role goes whole into
+    one file, except the expert stacks, whose HF tensors are each a chunk of their own
+    (``mapping.one_chunk_per_hf_tensor``), so a MoE layer is split between files by runs of
+    experts. Files therefore keep to ``--file-size`` (a single tensor larger than it gets a file
+    alone), and a Ling-1T MoE layer (~25 GB) is not one indivisible unit that caps the scale-out.
+    A worker reads a file's HF tensors one piece (a role, or a run of its experts) at a time,
+    writes them as Megatron chunks and returns the file's metadata record; ``finalize`` pickles
+    ``.metadata`` from all records (joining a tensor's chunks from several files) and writes the
+    tracker."""
 
     def __init__(self, hf_dir: str, cfg: LingConfig, keep_mtp: bool, want: dict, file_size: int,
                  hf_bytes: dict[str, int]):
         self.hf_dir, self.cfg, self.keep_mtp, self.want, self.file_size = hf_dir, cfg, keep_mtp, want, file_size
         self.inputs = (hf_dir,)
-        groups, size = [[]], 0
-        for unit in M.units(cfg, mtp=keep_mtp):
-            b = sum(hf_bytes[n] for role in M.layer_roles(cfg, unit) for n, _ in M.hf_names(cfg, unit, role))
-            if groups[-1] and size + b > file_size:
-                groups.append([])
-                size = 0
-            groups[-1].append(unit)
-            size += b
-        self.groups = groups
-        self.units = [Unit(f"__0_{k}.distcp", sum(hf_bytes[n] for u in g for role in M.layer_roles(cfg, u)
-                                                  for n, _ in M.hf_names(cfg, u, role)))
-                      for k, g in enumerate(groups)]
+        self.files = self._pack(cfg, keep_mtp, file_size, hf_bytes)
+        self.units = [Unit(f"__0_{k}.distcp", sum(hf_bytes[n] for unit, role, lo, hi in pieces
+                                                  for n, _ in M.hf_names(cfg, unit, role)[lo:hi]))
+                      for k, pieces in enumerate(self.files)]
         self._reader = None
+
+    @staticmethod
+    def _pack(cfg: LingConfig, keep_mtp: bool, file_size: int, hf_bytes: dict[str, int]) -> list[list[tuple]]:
+        """Files as lists of pieces ``(unit, role, lo, hi)``: the role's ``hf_names[lo:hi]``."""
+        def atoms():
+            for unit in M.units(cfg, mtp=keep_mtp):
+                for role in M.layer_roles(cfg, unit):
+                    names = [n for n, _ in M.hf_names(cfg, unit, role)]
+                    # the role whole, or each HF tensor of an expert stack
+                    cuts = range(len(names) + 1) if M.one_chunk_per_hf_tensor(role) else (0, len(names))
+                    for lo, hi in zip(cuts, cuts[1:]):
+                        yield (unit, role), lo, hi, sum(hf_bytes[n] for n in names[lo:hi])
+        return [[(*item, lo, hi) for item, lo, hi in f] for f in pack_files(atoms(), file_size)]
 
     def __getstate__(self):  # workers open their own reader
         return {**self.__dict__, "_reader": None}
@@ -154,7 +165,7 @@ class FromHFJob(Job):
     def describe(self) -> dict:
         return {"job": "from-hf", "hf": os.path.abspath(self.hf_dir), "config": self.cfg.to_hf_dict(),
                 "mtp": self.keep_mtp, "dtypes": sorted((str(k), str(v)) for k, v in self.want.items()),
-                "files": [[str(u) for u in g] for g in self.groups]}
+                "files": [[[str(unit), role, lo, hi] for unit, role, lo, hi in f] for f in self.files]}
 
     def run_unit(self, i: int, out_dir: str, report) -> dict:
         if self._reader is None:
@@ -162,21 +173,23 @@ class FromHFJob(Job):
         reader, cfg = self._reader, self.cfg
         d = layout.iteration_dir(out_dir, 0)
         writer = TorchDistWriter(d, self.units[i].name)
-        for unit in self.groups[i]:
-            for role in M.layer_roles(cfg, unit):
-                out_dtype = self.want[(unit, role)]
-                names = [name for name, _ in M.hf_names(cfg, unit, role)]
-                ts = []
-                for name in names:
-                    t = reader.get_weight(name, out_dtype)
-                    report(nbytes(reader.meta[name][1], reader.meta[name][2]))
-                    ts.append(t)
-                # stored as the checkpoint keeps them (same dtype, one chunk each): copied in the kernel
-                as_stored = M.chunks_are_hf_tensors(role) and all(reader.meta[n][2] == out_dtype for n in names)
-                writer.add_chunks(M.megatron_key(unit, role), M.megatron_shape(cfg, role), out_dtype,
-                                  M.role_chunks_from_hf(cfg, role, ts),
-                                  spans=[reader.span(n) for n in names] if as_stored else None)
-                del ts
+        for unit, role, lo, hi in self.files[i]:
+            out_dtype = self.want[(unit, role)]
+            names = [name for name, _ in M.hf_names(cfg, unit, role)]
+            whole = (lo, hi) == (0, len(names))
+            names = names[lo:hi]
+            ts = []
+            for name in names:
+                t = reader.get_weight(name, out_dtype)
+                report(nbytes(reader.meta[name][1], reader.meta[name][2]))
+                ts.append(t)
+            # stored as the checkpoint keeps them (same dtype, one chunk each): copied in the kernel
+            as_stored = M.chunks_are_hf_tensors(role) and all(reader.meta[n][2] == out_dtype for n in names)
+            writer.add_chunks(M.megatron_key(unit, role), M.megatron_shape(cfg, role), out_dtype,
+                              M.role_chunks_from_hf(cfg, role, ts, start=lo),
+                              spans=[reader.span(n) for n in names] if as_stored else None, whole=whole)
+            del ts
+            if lo == 0:
                 for k in M.extra_state_keys(cfg, unit, role):
                     writer.add_object(k, None)
         rec = writer.close()

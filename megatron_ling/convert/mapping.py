@@ -296,20 +296,31 @@ def hf_box(cfg: LingConfig, role: str, j: int):
     return None
 
 
-def role_chunks_from_hf(cfg: LingConfig, role: str, ts: list[torch.Tensor]):
+def role_chunks_from_hf(cfg: LingConfig, role: str, ts: list[torch.Tensor], start: int = 0):
     """``role_from_hf`` as (offsets, tensor) chunks of the global Megatron tensor, without
     concatenating: [gate; up] halves become two chunks (as megatron itself saves SwiGLU fc1), each
-    expert its own chunk(s) on the expert axis."""
+    expert its own chunk(s) on the expert axis. ``start``: for a role whose HF tensors are one
+    chunk each (:func:`one_chunk_per_hf_tensor`), ``ts`` may be ``hf_names(...)[start:start + len(ts)]``
+    only, and yields just their chunks (a run of experts: from-hf splits a layer between files)."""
     kind = BY_ROLE[role].transform
+    if start and not one_chunk_per_hf_tensor(role):
+        raise ValueError(f"{role}: its HF tensors are not one chunk each; convert them all at once")
     if kind == GATE_UP:
         return [((0, 0), ts[0]), ((ts[0].shape[0], 0), ts[1])]
     if kind == EXPERTS_GATE_UP:
         f = ts[0].shape[0]
-        return (((e // 2, (e % 2) * f, 0), t.unsqueeze(0)) for e, t in enumerate(ts))
+        return (((e // 2, (e % 2) * f, 0), t.unsqueeze(0)) for e, t in enumerate(ts, start))
     if kind == EXPERTS:
-        return (((e, 0, 0), t.unsqueeze(0)) for e, t in enumerate(ts))
+        return (((e, 0, 0), t.unsqueeze(0)) for e, t in enumerate(ts, start))
     t = role_from_hf(cfg, role, ts)
     return [((0,) * t.dim(), t)]
+
+
+def one_chunk_per_hf_tensor(role: str) -> bool:
+    """Whether each HF tensor of ``role`` is, on its own, one whole chunk of the Megatron tensor
+    (the expert stacks: one chunk per expert, or per gate / up half): any run of them can be
+    converted and stored apart from the rest, so a layer's experts can be split between files."""
+    return BY_ROLE[role].transform in (EXPERTS, EXPERTS_GATE_UP)
 
 
 def chunks_are_hf_tensors(role: str) -> bool:

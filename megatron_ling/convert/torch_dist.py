@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
 import sys
@@ -424,10 +425,12 @@ class TorchDistWriter:
         self.bytes_written += length
         self.storage.append([key, list(offsets), start, length])
 
-    def add_chunks(self, key: str, shape, dtype: torch.dtype, chunks, spans=None) -> None:
+    def add_chunks(self, key: str, shape, dtype: torch.dtype, chunks, spans=None, whole: bool = True) -> None:
         """Write the global tensor ``key`` of ``shape`` as the given (offsets, tensor) chunks
-        (consumed lazily; together they must tile the tensor exactly). ``spans``, one per chunk:
-        where each chunk's exact bytes lie in an input file, to be copied in the kernel."""
+        (consumed lazily; together they must tile the tensor exactly, or with ``whole=False`` a
+        part of it whose other chunks other files hold: :func:`write_metadata` checks the union).
+        ``spans``, one per chunk: where each chunk's exact bytes lie in an input file, to be
+        copied in the kernel."""
         md, n = [], 0
         spans = iter(spans) if spans is not None else None
         for off, x in chunks:
@@ -436,7 +439,7 @@ class TorchDistWriter:
             self._write_chunk(key, x, off, next(spans) if spans is not None else None)
             md.append([list(off), list(x.shape)])
             n += x.numel()
-        if n != torch.Size(shape).numel():
+        if whole and n != torch.Size(shape).numel():
             raise AssertionError(f"{key}: chunks cover {n} of {torch.Size(shape).numel()} elements")
         self.entries.append([key, str(dtype), list(shape), md])
 
@@ -463,21 +466,32 @@ class TorchDistWriter:
 
 def write_metadata(path: str, records: list[dict], common: dict) -> None:
     """``common.pt``, ``metadata.json`` and the pickled ``Metadata`` of a torch_dist directory whose
-    ``.distcp`` files were written by :class:`TorchDistWriter` (``records`` in file order)."""
-    sd, storage = {}, {}
+    ``.distcp`` files were written by :class:`TorchDistWriter` (``records`` in file order). A
+    tensor's chunks may come from several files (a MoE layer's experts split between them); its
+    chunks, in file order, must then tile it exactly, each once."""
+    sd, storage, covered = {}, {}, {}
     for rec in records:
         for key, *tensor in rec["entries"]:
-            if key in sd:
-                raise ValueError(f"duplicate key {key}")
             if not tensor:
+                if key in sd:
+                    raise ValueError(f"duplicate key {key}")
                 sd[key] = BytesStorageMetadata()
                 continue
             dtype, shape, chunks = tensor
-            sd[key] = TensorStorageMetadata(TensorProperties(dtype=_DTYPES[dtype]), torch.Size(shape),
-                                            [ChunkStorageMetadata(torch.Size(o), torch.Size(z)) for o, z in chunks])
+            props, size = TensorProperties(dtype=_DTYPES[dtype]), torch.Size(shape)
+            md = sd.setdefault(key, TensorStorageMetadata(props, size, []))
+            if not isinstance(md, TensorStorageMetadata) or (md.properties.dtype, md.size) != (props.dtype, size):
+                raise ValueError(f"{key}: its files disagree on what it is ({dtype} {list(shape)} here)")
+            md.chunks.extend(ChunkStorageMetadata(torch.Size(o), torch.Size(z)) for o, z in chunks)
+            covered[key] = covered.get(key, 0) + sum(math.prod(z) for _, z in chunks)
         for key, off, start, length in rec["storage"]:
             idx = MetadataIndex(key) if off is None else MetadataIndex(key, torch.Size(off))
+            if idx in storage:
+                raise ValueError(f"{key}: chunk at {off} is stored twice")
             storage[idx] = _StorageInfo(rec["rel"], start, length)
+    for key, n in covered.items():  # a guard against a piece planned twice or not at all
+        if n != sd[key].size.numel():
+            raise AssertionError(f"{key}: its chunks cover {n} of {sd[key].size.numel()} elements")
     layout.write_common_state(path, common)
     with open(os.path.join(path, "metadata.json"), "w") as f:
         json.dump(MEGATRON_METADATA, f)

@@ -36,7 +36,7 @@ import torch
 from megatron_ling.checkpoint import layout
 from megatron_ling.convert import mapping as N
 from megatron_ling.convert.common import check_output
-from megatron_ling.convert.parallel_exec import ExecResult, Job, Unit, execute, summary as _summary
+from megatron_ling.convert.parallel_exec import ExecResult, Job, Unit, execute, pack_files, summary as _summary
 from megatron_ling.convert.torch_dist import TorchDistReader, TorchDistWriter, write_metadata
 from megatron_ling.errors import LingConfigError
 from megatron_ling.merge.coefficients import merge_coefficients, update_weights
@@ -188,8 +188,10 @@ class MergedCheckpoint:
     def common_state(self) -> dict:
         return self.readers[-1].common_state()
 
-    def read(self, key: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """Σ_j c_j θ_j[key], accumulated in fp32, returned in the input dtype (or ``dtype``)."""
+    def read(self, key: str, offsets: Optional[tuple] = None, sizes: Optional[tuple] = None,
+             dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Σ_j c_j θ_j[key] (or of the box ``offsets``/``sizes`` of it: TorchDistReader.read's
+        interface), accumulated in fp32, returned in the input dtype (or ``dtype``)."""
         pairs = list(zip(self.plan.coefficients, self.readers))
         if self.expert_bias == "last" and key.endswith("expert_bias"):
             pairs = [(1.0, self.readers[-1])]
@@ -197,7 +199,7 @@ class MergedCheckpoint:
         for c, r in pairs:
             if c == 0.0:
                 continue  # an explicit zero weight: nothing to read
-            x = r.read(key, dtype=torch.float32)
+            x = r.read(key, offsets, sizes, dtype=torch.float32)
             self.bytes_read += x.numel() * r.dtype(key).itemsize
             # products rounded in fp32, then summed in order: exactly Σ c_j θ_j computed in fp32
             x.mul_(c)  # x is a fresh tensor (read() never returns a cached one)
@@ -248,17 +250,21 @@ def plan_merge(inputs: list[str], last: Optional[int] = None, iterations: Option
     return MergePlan(sources=sources, coefficients=c, shape=shape)
 
 
-def _chunks(key: str, t: torch.Tensor):
-    """(offsets, tensor) chunks of a merged tensor: each expert its own chunk on the expert axis
-    (as megatron saves at EP=E, so an EP-sharded load reads only its experts), else one."""
+def _chunks(key: str, t: torch.Tensor, first: int = 0):
+    """(offsets, tensor) chunks of a merged tensor, or of its experts ``first`` on (``t``): each
+    expert its own chunk on the expert axis (as megatron saves at EP=E, so an EP-sharded load
+    reads only its experts), else one."""
     if N.classify(key).role in _EXPERT_ROLES:
-        return [((e,) + (0,) * (t.dim() - 1), t[e:e + 1]) for e in range(t.shape[0])]
+        return [((first + e,) + (0,) * (t.dim() - 1), t[e:e + 1]) for e in range(t.shape[0])]
     return [((0,) * t.dim(), t)]
 
 
 class MergeJob(Job):
-    """One unit per planned ``.distcp`` file: consecutive model keys packed up to ``file_size``
-    output bytes (a larger tensor gets its own file); the newest checkpoint's ShardedObjects
+    """One unit per planned ``.distcp`` file: model keys packed in order up to ``file_size``
+    output bytes; a key goes whole into one file, except an expert stack, which is split between
+    files by runs of experts (its chunks), so that files keep to ``--file-size`` (a single chunk
+    larger than it gets a file alone), a Ling-1T MoE layer is not one indivisible unit, and a
+    worker holds one run of experts, not the stack. The newest checkpoint's ShardedObjects
     (``_extra_state``) go verbatim into the last file. A worker opens the sources itself (the
     parent verified their checksums); ``finalize`` writes the metadata and the tracker."""
 
@@ -269,16 +275,21 @@ class MergeJob(Job):
         self.iteration = self.common["iteration"]
         self.dtypes = {k: merged.dtype(k) for k in merged.keys}
         out_bytes = {k: torch.Size(s).numel() * self.dtypes[k].itemsize for k, s in merged.keys.items()}
-        groups, size = [[]], 0
-        for k in merged.keys:
-            if groups[-1] and size + out_bytes[k] > file_size:
-                groups.append([])
-                size = 0
-            groups[-1].append(k)
-            size += out_bytes[k]
-        self.groups = groups
+        self.shapes = {k: tuple(s) for k, s in merged.keys.items()}
+        rows = {k: s[0] if s else 1 for k, s in self.shapes.items()}  # an expert stack's: its experts
+
+        def piece_bytes(k, lo, hi):
+            return out_bytes[k] * (hi - lo) // rows[k]
+
+        def atoms():  # a key whole, or each expert of an expert stack
+            for k in self.shapes:
+                cuts = range(rows[k] + 1) if N.classify(k).role in _EXPERT_ROLES else (0, rows[k])
+                for lo, hi in zip(cuts, cuts[1:]):
+                    yield k, lo, hi, piece_bytes(k, lo, hi)
+        self.groups = pack_files(atoms(), file_size)  # files as lists of pieces [key, lo, hi]
         self.reads = sum(c != 0.0 for c in self.plan.coefficients)  # checkpoints read per tensor
-        self.units = [Unit(f"__0_{i}.distcp", self.reads * sum(out_bytes[k] for k in g)) for i, g in enumerate(groups)]
+        self.units = [Unit(f"__0_{i}.distcp", self.reads * sum(piece_bytes(*p) for p in g))
+                      for i, g in enumerate(self.groups)]
         self.objects = sorted(k for k in merged.readers[-1].objects
                               if not k.startswith(("optimizer.", "rng_state", "rerun_state_machine")))
         self._merged = merged
@@ -297,9 +308,12 @@ class MergeJob(Job):
         merged, read0 = self._merged, self._merged.bytes_read
         d = layout.iteration_dir(out_dir, self.iteration)
         writer = TorchDistWriter(d, self.units[i].name)
-        for key in self.groups[i]:
-            t = merged.read(key)
-            writer.add_chunks(key, t.shape, t.dtype, _chunks(key, t))
+        for key, lo, hi in self.groups[i]:
+            shape = self.shapes[key]
+            whole = not shape or (lo, hi) == (0, shape[0])  # else rows lo:hi of an expert stack
+            t = merged.read(key) if whole else merged.read(key, (lo,) + (0,) * (len(shape) - 1),
+                                                           (hi - lo,) + shape[1:])
+            writer.add_chunks(key, shape, t.dtype, _chunks(key, t, lo), whole=whole)
             report(self.reads * t.numel() * t.element_size())
             del t
         if i == len(self.units) - 1:
