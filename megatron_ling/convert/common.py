@@ -81,3 +81,24 @@ def copy_range(src_fd: int, offset: int, length: int, dst_fd: int) -> None:
         except OSError as e:  # refused before any byte moved: the next way
             if e.errno not in _NO_COPY_RANGE or done or k == len(ways) - 1:
                 raise
+
+
+def pack_files(atoms, file_size: int) -> list[list[list]]:
+    """The one rule for planning output files up to a size: to-hf's safetensors shards
+    (``hf_io.ShardPlan``), from-hf's and ling-merge's ``.distcp`` files. ``atoms``: ``(item, lo,
+    hi, nbytes)`` in output order, where ``lo:hi`` is a run of an item's parts (experts) that may
+    be stored apart from the rest. Consecutive atoms fill a file
+    up to ``file_size`` bytes; an atom larger than that gets a file alone. Returns the files as
+    lists of pieces ``[item, lo, hi]``, adjacent atoms of one item joined into one piece."""
+    files, size = [[]], 0
+    for item, lo, hi, b in atoms:
+        if files[-1] and size + b > file_size:
+            files.append([])
+            size = 0
+        last = files[-1][-1] if files[-1] else None
+        if last is not None and last[0] == item and last[2] == lo:
+            last[2] = hi  # the run goes on
+        else:
+            files[-1].append([item, lo, hi])
+        size += b
+    return files

@@ -23,9 +23,10 @@ import torch
 
 from megatron_ling.convert import mapping as M
 from megatron_ling.checkpoint import layout
+from megatron_ling.convert.common import pack_files
 from megatron_ling.convert.hf_io import HFReader, fp8_scale_shape, nbytes
-from megatron_ling.convert.parallel_exec import (ExecResult, Job, Unit, execute, pack_files, preflight,
-                                                 resolve_rank, summary as _summary)
+from megatron_ling.convert.parallel_exec import (ExecResult, Job, Unit, execute, preflight, resolve_rank,
+                                                 summary as _summary)
 from megatron_ling.convert.torch_dist import TorchDistWriter, write_metadata
 from megatron_ling.errors import LingConfigError
 from megatron_ling.models.config import LingConfig

@@ -18,7 +18,7 @@ import struct
 
 import torch
 
-from megatron_ling.convert.common import Span, copy_range, write_all
+from megatron_ling.convert.common import Span, copy_range, pack_files, write_all
 from megatron_ling.errors import LingConfigError
 
 _ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
@@ -75,15 +75,10 @@ class ShardPlan:
     Deterministic in the plan and the shard size, so any process (or node) writes any shard."""
 
     def __init__(self, plan: list[tuple[str, tuple, torch.dtype]], shard_size: int):
-        shards: list[list] = [[]]
-        size = 0
-        for name, shape, dtype in plan:
-            b = nbytes(shape, dtype)
-            if shards[-1] and size + b > shard_size:
-                shards.append([])
-                size = 0
-            shards[-1].append((name, tuple(shape), dtype))
-            size += b
+        meta = {name: (tuple(shape), dtype) for name, shape, dtype in plan}
+        shards = [[(name, *meta[name]) for name, _, _ in f]  # a tensor is never split between shards
+                  for f in pack_files(((name, 0, 1, nbytes(meta[name][0], meta[name][1])) for name in meta),
+                                      shard_size)]
         n = len(shards)
         self.files = ["model.safetensors"] if n == 1 else \
             [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]

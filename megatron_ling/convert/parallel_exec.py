@@ -129,26 +129,6 @@ def partition(units: list[Unit], world_size: int) -> list[list[int]]:
     return [sorted(p) for p in parts]
 
 
-def pack_files(atoms, file_size: int) -> list[list[list]]:
-    """The one rule for planning output data files (from-hf's and ling-merge's ``.distcp``
-    units). ``atoms``: ``(item, lo, hi, nbytes)`` in output order, where ``lo:hi`` is a run of an
-    item's parts (experts) that may be stored apart from the rest. Consecutive atoms fill a file
-    up to ``file_size`` bytes; an atom larger than that gets a file alone. Returns the files as
-    lists of pieces ``[item, lo, hi]``, adjacent atoms of one item joined into one piece."""
-    files, size = [[]], 0
-    for item, lo, hi, b in atoms:
-        if files[-1] and size + b > file_size:
-            files.append([])
-            size = 0
-        last = files[-1][-1] if files[-1] else None
-        if last is not None and last[0] == item and last[2] == lo:
-            last[2] = hi  # the run goes on
-        else:
-            files[-1].append([item, lo, hi])
-        size += b
-    return files
-
-
 # ------------------------------------------------------------------------------ staging
 def _write_json(path: str, obj) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"

@@ -35,8 +35,8 @@ import torch
 
 from megatron_ling.checkpoint import layout
 from megatron_ling.convert import mapping as N
-from megatron_ling.convert.common import check_output
-from megatron_ling.convert.parallel_exec import ExecResult, Job, Unit, execute, pack_files, summary as _summary
+from megatron_ling.convert.common import check_output, pack_files
+from megatron_ling.convert.parallel_exec import ExecResult, Job, Unit, execute, summary as _summary
 from megatron_ling.convert.torch_dist import TorchDistReader, TorchDistWriter, write_metadata
 from megatron_ling.errors import LingConfigError
 from megatron_ling.merge.coefficients import merge_coefficients, update_weights
