@@ -108,15 +108,32 @@ def write_cmd(src: str, dst: str) -> list[str]:
 BASELINES = {"copy": copy_cmd, "write": write_cmd}  # measured beside the converters, same input
 
 
-def ling_1t_bytes() -> int:
-    """bf16 bytes of Ling-1T (with its MTP layer), from the mapping table's shapes."""
-    import math
-
+def ling_1t_plan(step: str, unit_size: int) -> list[int]:
+    """Byte costs of the units the converter plans for Ling-1T in bf16 (with its MTP layer), from
+    the mapping table's shapes and the converters' own packing: from-hf's ``.distcp`` files,
+    to-hf's safetensors shards, each of ``unit_size`` (the CLI default, 5 GB)."""
     from megatron_ling.convert import mapping as M
+    from megatron_ling.convert.from_hf import FromHFJob
+    from megatron_ling.convert.hf_io import ShardPlan, nbytes
     from megatron_ling.models.config import get_preset
 
     cfg = get_preset("ling-1t")
-    return sum(2 * math.prod(M.megatron_shape(cfg, r)) for u in M.units(cfg) for r in M.layer_roles(cfg, u))
+    plan = [(n, s, torch.float32 if r == "expert_bias" else torch.bfloat16)
+            for u in M.units(cfg) for r in M.layer_roles(cfg, u) for n, s in M.hf_names(cfg, u, r)]
+    if step == "to-hf":
+        shards = ShardPlan(plan, unit_size)
+        return [shards.shard_bytes(i) for i in range(len(shards.files))]
+    size = {n: nbytes(s, d) for n, s, d in plan}
+    return [sum(size[n] for unit, role, lo, hi in f for n, _ in M.hf_names(cfg, unit, role)[lo:hi])
+            for f in FromHFJob._pack(cfg, True, unit_size, size)]
+
+
+def makespan(costs: list[int], workers: int) -> int:
+    """Bytes the busiest of ``workers`` converts under the converters' own partition."""
+    from megatron_ling.convert.parallel_exec import Unit, partition
+
+    units = [Unit(str(i), c) for i, c in enumerate(costs)]
+    return max(sum(costs[i] for i in p) for p in partition(units, workers))
 
 
 def main():
@@ -184,15 +201,17 @@ def main():
                   f"{copy_bps / 1e6:.0f} | {bps / copy_bps:.2f}x | {write_bps / 1e6:.0f} | {bps / write_bps:.2f}x | "
                   f"{bps / rates[(step, counts[0])]:.2f}x | "
                   f"{rss / 1e9:.2f} GB | {rss / largest:.2f}x |")
-    b1t = ling_1t_bytes()
-    print(f"\nLing-1T projection ({b1t / 1e12:.2f} TB bf16): hours = bytes / (per-worker rate x workers), "
-          f"per-worker rate = the measured 1-worker MB/s above, scaled linearly in workers and nodes "
-          f"(assumes storage keeps up; measured 2-worker scaling on this machine is in the table)")
+    print("\nLing-1T projection (bf16, the CLI's default 5 GB files / shards): hours = bytes the busiest "
+          "worker converts under the converters' own plan and partition (Ling-1T's units from the mapping "
+          "table's shapes) / the measured 1-worker rate above; i.e. every worker keeps the 1-worker rate "
+          "(assumes storage and cores keep up; the measured 2-worker scaling on this machine is in the table)")
     for step in steps:
         r1 = rates[(step, counts[0])]
-        cells = ", ".join(f"{n} node(s) x {w} workers: {b1t / (r1 * n * w) / 3600:.2f} h"
-                          for n, w in ((1, 1), (1, 16), (8, 16)))
-        print(f"  {step}: {cells}")
+        costs = ling_1t_plan(step, 5 * 1024 ** 3)
+        cells = ", ".join(f"{n} node(s) x {w} workers: {makespan(costs, n * w) / r1 / 3600:.2f} h"
+                          for n, w in ((1, 1), (1, 16), (8, 16), (32, 16)))
+        print(f"  {step} ({sum(costs) / 1e12:.2f} TB in {len(costs)} units, largest "
+              f"{max(costs) / 1e9:.1f} GB): {cells}")
     print(f"(largest layer {largest / 1e9:.2f} GB; cores {os.cpu_count()}; load average now "
           f"{os.getloadavg()[0]:.1f}; {time.strftime('%Y-%m-%d')})")
     with open(os.path.join(a.work, "result.json"), "w") as f:
