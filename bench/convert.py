@@ -58,8 +58,9 @@ def build_hf(out: str, layers: int, mtp: int) -> tuple[int, int]:
 
 def timed(cmd: list[str]) -> tuple[float, int, float]:
     """Conversion seconds the command reports itself (' in <s> s ', without Python/torch start-up;
-    the wall time when it reports none) and the peak RSS of one worker: the one the CLI reports
-    ('peak RSS per worker'), else the process's own (wait4)."""
+    the wall time when it reports none), the peak RSS of one worker (the one the CLI reports,
+    'peak RSS per worker', else the process's own: wait4) and the seconds its worker processes
+    took to start ('workers started in <s> s'; 0 for one worker, which runs in the CLI's process)."""
     t = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     out = p.stdout.read()
@@ -69,7 +70,9 @@ def timed(cmd: list[str]) -> tuple[float, int, float]:
         raise SystemExit(f"failed: {' '.join(cmd)}")
     m = re.search(r" in ([0-9.]+) s ", out)
     r = re.search(r"peak RSS per worker ([0-9.]+) GB", out)
-    return float(m.group(1)) if m else dt, int(float(r.group(1)) * 1e9) if r else ru.ru_maxrss * 1024
+    w = re.search(r"workers started in ([0-9.]+) s", out)
+    return (float(m.group(1)) if m else dt, int(float(r.group(1)) * 1e9) if r else ru.ru_maxrss * 1024,
+            float(w.group(1)) if w else 0.0)
 
 
 def dir_bytes(d: str) -> int:
@@ -178,17 +181,21 @@ def main():
                 dst = os.path.join(a.work, "out")
                 shutil.rmtree(dst, ignore_errors=True)
                 c = BASELINES[kind](src, dst) if kind in BASELINES else cmd(src, dst, kind)
-                dt, rss = timed(c)
-                times.setdefault((step, kind), []).append((dt, rss))
-                print(f"  rep {rep}: {step} {kind if isinstance(kind, str) else f'{kind} worker(s)'}: {dt:.1f} s, "
-                      f"RSS {rss / 1e9:.2f} GB (load {os.getloadavg()[0]:.1f})", flush=True)
+                dt, rss, up = timed(c)
+                times.setdefault((step, kind), []).append((dt, rss, up))
+                print(f"  rep {rep}: {step} {kind if isinstance(kind, str) else f'{kind} worker(s)'}: {dt:.1f} s"
+                      f"{f' (workers started in {up:.1f} s)' if up else ''}, RSS {rss / 1e9:.2f} GB "
+                      f"(load {os.getloadavg()[0]:.1f})", flush=True)
     shutil.rmtree(os.path.join(a.work, "out"), ignore_errors=True)
-    med = {k: statistics.median(d for d, _ in v) for k, v in times.items()}
+    med = {k: statistics.median(d for d, _, _ in v) for k, v in times.items()}
+    # the same without the workers' start-up (interpreter + torch import, paid once per run; one
+    # worker runs in the CLI's process and pays none): the rate the workers keep once running
+    steady = {k: statistics.median(d - u for d, _, u in v) for k, v in times.items()}
     size = {"from-hf": dir_bytes(hf), "to-hf": dir_bytes(ck)}
     print(f"\n| step | workers | bytes in | convert s (median of {a.reps}) | MB/s | durable copy MB/s "
           f"(same run) | vs copy | user-space write MB/s (same run) | vs write | vs 1 worker | "
-          f"peak RSS per worker | RSS / largest layer |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"worker start-up s | vs 1 worker after start-up | peak RSS per worker | RSS / largest layer |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rates = {}
     for step in steps:
         copy_bps = size[step] / med[(step, "copy")]
@@ -196,19 +203,21 @@ def main():
         for w in counts:
             bps = size[step] / med[(step, w)]
             rates[(step, w)] = bps
-            rss = max(r for _, r in times[(step, w)])
+            rss = max(r for _, r, _ in times[(step, w)])
+            up = statistics.median(u for _, _, u in times[(step, w)])
             print(f"| {step} | {w} | {size[step] / 1e9:.2f} GB | {med[(step, w)]:.1f} | {bps / 1e6:.0f} | "
                   f"{copy_bps / 1e6:.0f} | {bps / copy_bps:.2f}x | {write_bps / 1e6:.0f} | {bps / write_bps:.2f}x | "
-                  f"{bps / rates[(step, counts[0])]:.2f}x | "
+                  f"{bps / rates[(step, counts[0])]:.2f}x | {up:.1f} | "
+                  f"{steady[(step, counts[0])] / steady[(step, w)]:.2f}x | "
                   f"{rss / 1e9:.2f} GB | {rss / largest:.2f}x |")
-    print("\nLing-1T projection (bf16, the CLI's default 5 GB files / shards): hours = bytes the busiest "
+    print("\nLing-1T projection (bf16, the CLI's default 5 GB files / shards): minutes = bytes the busiest "
           "worker converts under the converters' own plan and partition (Ling-1T's units from the mapping "
           "table's shapes) / the measured 1-worker rate above; i.e. every worker keeps the 1-worker rate "
           "(assumes storage and cores keep up; the measured 2-worker scaling on this machine is in the table)")
     for step in steps:
         r1 = rates[(step, counts[0])]
         costs = ling_1t_plan(step, 5 * 1024 ** 3)
-        cells = ", ".join(f"{n} node(s) x {w} workers: {makespan(costs, n * w) / r1 / 3600:.2f} h"
+        cells = ", ".join(f"{n} node(s) x {w} workers: {makespan(costs, n * w) / r1 / 60:.1f} min"
                           for n, w in ((1, 1), (1, 16), (8, 16), (32, 16)))
         print(f"  {step} ({sum(costs) / 1e12:.2f} TB in {len(costs)} units, largest "
               f"{max(costs) / 1e9:.1f} GB): {cells}")

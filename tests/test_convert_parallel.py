@@ -52,6 +52,9 @@ def test_workers_give_byte_identical_output_both_directions(hf_dir, tmp_path):
         r = from_hf(hf_dir, str(tmp_path / f"ck{w}"), workers=w, file_size=FILE, show_progress=False)
         assert r.run.finalized and len(r.run.ran) == len(r.run.records) >= 4
         assert len(r.run.peak_rss) == min(w, len(r.run.ran))
+        # worker start-up is measured (bench/convert.py reports the rate after it); one worker is this process
+        assert (r.run.startup_s > 0) == (w > 1) and r.run.startup_s < r.run.seconds
+        assert ("workers started in" in r.summary) == (w > 1)
         ck[w] = str(tmp_path / f"ck{w}")
     assert_identical(ck[1], ck[2])
     assert_identical(ck[1], ck[3])

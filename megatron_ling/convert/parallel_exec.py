@@ -85,6 +85,9 @@ class ExecResult:
     seconds: float
     peak_rss: dict[int, int] = field(default_factory=dict)  # worker pid -> peak RSS bytes
     records: list[dict] = field(default_factory=list)
+    # --workers > 1: seconds until every worker had started (interpreter, torch, the job): a fixed
+    # cost per run, part of ``seconds``, which one worker (this process) does not pay
+    startup_s: float = 0.0
 
 
 def fingerprint(job: Job) -> str:
@@ -208,6 +211,7 @@ def _worker_main() -> int:
         out.write(json.dumps(msg) + "\n")
         out.flush()
 
+    send("ready")
     for i in todo:
         try:
             _run_and_mark(job, i, staging, lambda n: send("progress", n))
@@ -221,17 +225,18 @@ def _worker_main() -> int:
     return 0
 
 
-def _run_pool(job: Job, todo: list[int], staging: str, workers: int, bar, poll=lambda: None) -> dict:
+def _run_pool(job: Job, todo: list[int], staging: str, workers: int, bar,
+              poll=lambda: None) -> tuple[dict, float]:
     """Run ``todo`` on ``workers`` processes, each a disjoint share (``partition`` by cost); the
     first failure (or ``poll()`` raising, checked at least once a second) terminates the others
-    and is raised. Returns pid -> peak RSS."""
+    and is raised. Returns (pid -> peak RSS, seconds until every worker had started)."""
     import pickle
     import selectors
     import subprocess
     import sys
 
     shares = [[todo[k] for k in part] for part in partition([job.units[i] for i in todo], workers) if part]
-    procs = []
+    procs, t0, started, startup = [], time.perf_counter(), 0, 0.0
     sel = selectors.DefaultSelector()
     for share in shares:
         p = subprocess.Popen([sys.executable, "-m", "megatron_ling.convert.parallel_exec"],
@@ -262,6 +267,10 @@ def _run_pool(job: Job, todo: list[int], staging: str, workers: int, bar, poll=l
                 msg = json.loads(line)
                 if msg[0] == "progress":
                     bar.update(msg[1])
+                elif msg[0] == "ready":
+                    started += 1
+                    if started == len(procs):
+                        startup = time.perf_counter() - t0
                 elif msg[0] == "done":
                     rss[p.pid] = max(rss.get(p.pid, 0), msg[2])
                 else:
@@ -277,7 +286,7 @@ def _run_pool(job: Job, todo: list[int], staging: str, workers: int, bar, poll=l
         sel.close()
     if error is not None:
         raise error
-    return rss
+    return rss, startup
 
 
 def preflight(out_dir: str, force: bool, inputs: tuple, world_size: int) -> None:
@@ -328,8 +337,9 @@ def execute(job: Job, out_dir: str, workers: int = 1, rank: int = 0, world_size:
                 poll()
                 _run_and_mark(job, i, staging, bar.update)
             rss = {os.getpid(): resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024} if todo else {}
+            startup = 0.0
         else:
-            rss = _run_pool(job, todo, staging, workers, bar, poll)
+            rss, startup = _run_pool(job, todo, staging, workers, bar, poll)
         bar.close()
         if check is not None:
             check.result()
@@ -343,7 +353,7 @@ def execute(job: Job, out_dir: str, workers: int = 1, rank: int = 0, world_size:
             raise check.exception() from None  # a unit tripped over the corrupt input the check names
         raise
     return ExecResult(finalized, todo, skipped, missing, time.perf_counter() - t0, rss,
-                      records if finalized else [])
+                      records if finalized else [], startup)
 
 
 def _finalize(job: Job, staging: str, out_dir: str, records: list[dict], force: bool) -> bool:
@@ -370,13 +380,16 @@ def _finalize(job: Job, staging: str, out_dir: str, records: list[dict], force: 
 
 
 def summary(what: str, r: ExecResult, read: int, written: int, total_units: int) -> str:
-    """The one-line report of a converter run (bench/convert.py parses ' in <s> s ')."""
+    """The one-line report of a converter run (bench/convert.py parses ' in <s> s ', 'peak RSS
+    per worker <x> GB' and 'workers started in <s> s')."""
     dt = max(r.seconds, 1e-9)
     s = (f"{what}: {len(r.ran)} of {total_units} units converted here ({len(r.skipped)} already done), "
          f"read {read / 1e9:.3f} GB, wrote {written / 1e9:.3f} GB in {dt:.1f} s "
          f"({written / 1e6 / dt:.0f} MB/s written)")
     if r.peak_rss:
         s += f"; peak RSS per worker {max(r.peak_rss.values()) / 1e9:.2f} GB ({len(r.peak_rss)} workers)"
+    if r.startup_s:
+        s += f"; workers started in {r.startup_s:.1f} s"
     if r.missing is None:
         s += "; this rank has no units (more ranks than units in the plan)"
     elif not r.finalized:
