@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: keep the HF dtype (FP8 weights are dequantized to bf16)")
     b.add_argument("--mtp", default="keep", choices=["keep", "drop"])
     b.add_argument("--file-size", default="5GB",
-                   help="max bytes per .distcp file (a larger layer gets its own file); files are the "
+                   help="max bytes per .distcp file (a MoE layer is split between files by runs of "
+                        "experts; only a single tensor larger than it gets a file alone); files are the "
                         "units --workers and ranks split (default 5GB)")
     b.add_argument("--force", action="store_true")
     b.add_argument("--no-progress", action="store_true")

@@ -87,9 +87,9 @@ def pack_files(atoms, file_size: int) -> list[list[list]]:
     """The one rule for planning output files up to a size: to-hf's safetensors shards
     (``hf_io.ShardPlan``), from-hf's and ling-merge's ``.distcp`` files. ``atoms``: ``(item, lo,
     hi, nbytes)`` in output order, where ``lo:hi`` is a run of an item's parts (experts) that may
-    be stored apart from the rest. Consecutive atoms fill a file
-    up to ``file_size`` bytes; an atom larger than that gets a file alone. Returns the files as
-    lists of pieces ``[item, lo, hi]``, adjacent atoms of one item joined into one piece."""
+    be stored apart from the rest. Consecutive atoms fill a file up to ``file_size`` bytes; an
+    atom larger than that gets a file alone. Returns the files as lists of pieces ``[item, lo,
+    hi]``, adjacent atoms of one item joined into one piece."""
     files, size = [[]], 0
     for item, lo, hi, b in atoms:
         if files[-1] and size + b > file_size:
