@@ -59,11 +59,13 @@ def build_hf(out: str, layers: int, mtp: int) -> tuple[int, int]:
     return total, max(per_unit.values())
 
 
-def timed(cmd: list[str]) -> tuple[float, int, float]:
+def timed(cmd: list[str]) -> tuple[float, int, float, float]:
     """Conversion seconds the command reports itself (' in <s> s ', without Python/torch start-up;
     the wall time when it reports none), the peak RSS of one worker (the one the CLI reports,
     'peak RSS per worker', else the process's own: wait4) and the seconds its worker processes
-    took to start ('workers started in <s> s'; 0 for one worker, which runs in the CLI's process)."""
+    took to start ('workers started in <s> s'; 0 for one worker, which runs in the CLI's process),
+    and the cores it kept busy: CPU seconds (user + system, its waited-for workers included) / wall
+    seconds of the whole command, interpreter start-up in both."""
     t = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     out = p.stdout.read()
@@ -75,7 +77,7 @@ def timed(cmd: list[str]) -> tuple[float, int, float]:
     r = re.search(r"peak RSS per worker ([0-9.]+) GB", out)
     w = re.search(r"workers started in ([0-9.]+) s", out)
     return (float(m.group(1)) if m else dt, int(float(r.group(1)) * 1e9) if r else ru.ru_maxrss * 1024,
-            float(w.group(1)) if w else 0.0)
+            float(w.group(1)) if w else 0.0, (ru.ru_utime + ru.ru_stime) / dt)
 
 
 def dir_bytes(d: str) -> int:
@@ -222,22 +224,23 @@ def main():
                 dst = os.path.join(a.work, "out")
                 shutil.rmtree(dst, ignore_errors=True)
                 c = BASELINES[kind](src, dst) if kind in BASELINES else cmd(src, dst, kind)
-                dt, rss, up = timed(c)
-                times.setdefault((step, kind), []).append((dt, rss, up))
+                dt, rss, up, cores = timed(c)
+                times.setdefault((step, kind), []).append((dt, rss, up, cores))
                 print(f"  rep {rep}: {step} {kind if isinstance(kind, str) else f'{kind} worker(s)'}: {dt:.1f} s"
-                      f"{f' (workers started in {up:.1f} s)' if up else ''}, RSS {rss / 1e9:.2f} GB "
+                      f"{f' (workers started in {up:.1f} s)' if up else ''}, {cores:.2f} cores busy, RSS {rss / 1e9:.2f} GB "
                       f"(load {os.getloadavg()[0]:.1f})", flush=True)
     shutil.rmtree(os.path.join(a.work, "out"), ignore_errors=True)
-    med = {k: statistics.median(d for d, _, _ in v) for k, v in times.items()}
+    med = {k: statistics.median(d for d, _, _, _ in v) for k, v in times.items()}
+    busy = {k: statistics.median(c for _, _, _, c in v) for k, v in times.items()}
     # the same without the workers' start-up (interpreter + torch import, paid once per run; one
     # worker runs in the CLI's process and pays none): the rate the workers keep once running
-    steady = {k: statistics.median(d - u for d, _, u in v) for k, v in times.items()}
+    steady = {k: statistics.median(d - u for d, _, u, _ in v) for k, v in times.items()}
     size = {"from-hf": dir_bytes(hf), "to-hf": dir_bytes(ck)}
     print(f"\n| step | workers | bytes in | convert s (median of {a.reps}) | MB/s | durable copy MB/s "
           f"(same run) | vs copy | user-space write MB/s (same run) | vs write | vs 1 worker | "
           f"worker start-up s | vs 1 worker after start-up | copy by 2 processes vs 1 (same run) | "
-          f"peak RSS per worker | RSS / largest layer |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"cores busy | peak RSS per worker | RSS / largest layer |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rates = {}
     for step in steps:
         copy_bps = size[step] / med[(step, "copy")]
@@ -245,14 +248,16 @@ def main():
         for w in counts:
             bps = size[step] / med[(step, w)]
             rates[(step, w)] = bps
-            rss = max(r for _, r, _ in times[(step, w)])
-            up = statistics.median(u for _, _, u in times[(step, w)])
+            rss = max(r for _, r, _, _ in times[(step, w)])
+            up = statistics.median(u for _, _, u, _ in times[(step, w)])
             print(f"| {step} | {w} | {size[step] / 1e9:.2f} GB | {med[(step, w)]:.1f} | {bps / 1e6:.0f} | "
                   f"{copy_bps / 1e6:.0f} | {bps / copy_bps:.2f}x | {write_bps / 1e6:.0f} | {bps / write_bps:.2f}x | "
                   f"{bps / rates[(step, counts[0])]:.2f}x | {up:.1f} | "
                   f"{steady[(step, counts[0])] / steady[(step, w)]:.2f}x | "
-                  f"{med[(step, 'copy')] / med[(step, 'copy x2')]:.2f}x | "
+                  f"{med[(step, 'copy')] / med[(step, 'copy x2')]:.2f}x | {busy[(step, w)]:.2f} | "
                   f"{rss / 1e9:.2f} GB | {rss / largest:.2f}x |")
+    print(f"(cores busy: CPU s / wall s of the whole command; with {os.cpu_count()} cores, N workers can be "
+          f"at most {os.cpu_count()} / (1 worker's cores busy) x one worker)")
     print("\nLing-1T projection (bf16, the CLI's default 5 GB files / shards): minutes = bytes the busiest "
           "worker converts under the converters' own plan and partition (Ling-1T's units from the mapping "
           "table's shapes) / the measured 1-worker rate above; i.e. every worker keeps the 1-worker rate "
