@@ -222,3 +222,26 @@ def test_bad_workers_and_rank_are_one_line_errors(hf_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
     assert os.listdir(tmp_path) == []
+
+
+def test_pack_files_keeps_to_the_size_and_joins_runs_of_one_item():
+    """The one packing rule (to-hf shards, from-hf and ling-merge files): consecutive atoms fill a
+    file up to the size, an atom larger than it gets a file alone, and adjacent atoms of one item
+    (a run of experts) become one piece."""
+    from megatron_ling.convert.common import pack_files
+
+    atoms = [("embed", 0, 1, 9), ("fc1", 0, 1, 3), ("fc1", 1, 2, 3), ("fc1", 2, 3, 3), ("fc1", 3, 4, 3),
+             ("norm", 0, 1, 1), ("head", 0, 1, 20)]
+    assert pack_files(atoms, 7) == [[["embed", 0, 1]], [["fc1", 0, 2]], [["fc1", 2, 4], ["norm", 0, 1]],
+                                    [["head", 0, 1]]]
+    assert pack_files(atoms, 100) == [[["embed", 0, 1], ["fc1", 0, 4], ["norm", 0, 1], ["head", 0, 1]]]
+    # the Ling-1T from-hf plan: files keep to the default 5 GB (no MoE layer is one 26 GB unit)
+    from megatron_ling.convert.from_hf import FromHFJob
+    from megatron_ling.convert.hf_io import nbytes
+
+    cfg = get_preset("ling-1t")
+    size = {n: nbytes(s, torch.bfloat16) for u in M.units(cfg) for r in M.layer_roles(cfg, u) for n, s in M.hf_names(cfg, u, r)}
+    files = FromHFJob._pack(cfg, True, 5 * 1024 ** 3, size)
+    per_file = [sum(size[n] for u, r, lo, hi in f for n, _ in M.hf_names(cfg, u, r)[lo:hi]) for f in files]
+    assert len(files) > 300 and max(per_file) <= 5 * 1024 ** 3  # no single Ling-1T tensor is larger
+    assert sum(per_file) == sum(size.values())
