@@ -2,10 +2,10 @@
 
 Streaming: one role's HF tensors (or a run of an expert stack's) are read (FP8 ones
 dequantized), rearranged to Megatron's layout and appended to its planned torch_dist data file
-(files are independent units of
-``parallel_exec``: any worker or node writes any of them); the metadata is written last. The result has the
-keys, global shapes and chunking megatron-core writes itself, so ``dist_checkpointing.load``
-reshards it to whatever TP/PP/VPP/EP/ETP layout the trainer runs.
+(files are independent units of ``parallel_exec``: any worker or node writes any of them); the
+metadata is written last. The result has the keys, global shapes and chunking megatron-core
+writes itself, so ``dist_checkpointing.load`` reshards it to whatever TP/PP/VPP/EP/ETP layout
+the trainer runs.
 
 Output layout (the contract with ``ling-train``)::
 
