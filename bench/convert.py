@@ -97,14 +97,13 @@ def durable_copy(src: str, dst: str, files: list[str]) -> None:
 
 def copy_main(src: str, dst: str, procs: int) -> None:
     """The durable copy of ``src`` by ``procs`` processes at once, each a share of the files
-    balanced by size (longest first, as the converters' workers split units); prints its time."""
-    files = sorted((os.path.relpath(os.path.join(r, f), src) for r, _, fs in os.walk(src) for f in fs),
-                   key=lambda rel: (-os.path.getsize(os.path.join(src, rel)), rel))
-    shares, load = [[] for _ in range(procs)], [0] * procs
-    for rel in files:
-        k = load.index(min(load))
-        shares[k].append(rel)
-        load[k] += os.path.getsize(os.path.join(src, rel))
+    balanced by size as the converters' workers split units (``parallel_exec.partition``); prints
+    its time."""
+    from megatron_ling.convert.parallel_exec import Unit, partition
+
+    files = sorted(os.path.relpath(os.path.join(r, f), src) for r, _, fs in os.walk(src) for f in fs)
+    units = [Unit(rel, os.path.getsize(os.path.join(src, rel))) for rel in files]
+    shares = [[files[i] for i in part] for part in partition(units, procs)]
     t = time.perf_counter()
     if procs == 1:
         durable_copy(src, dst, files)
@@ -160,9 +159,7 @@ def ling_1t_plan(step: str, unit_size: int) -> list[int]:
     if step == "to-hf":
         shards = ShardPlan(plan, unit_size)
         return [shards.shard_bytes(i) for i in range(len(shards.files))]
-    size = {n: nbytes(s, d) for n, s, d in plan}
-    return [sum(size[n] for unit, role, lo, hi in f for n, _ in M.hf_names(cfg, unit, role)[lo:hi])
-            for f in FromHFJob._pack(cfg, True, unit_size, size)]
+    return [size for _, size in FromHFJob._pack(cfg, True, unit_size, {n: nbytes(s, d) for n, s, d in plan})]
 
 
 def makespan(costs: list[int], workers: int) -> int:

@@ -230,11 +230,12 @@ def test_pack_files_keeps_to_the_size_and_joins_runs_of_one_item():
     (a run of experts) become one piece."""
     from megatron_ling.convert.common import pack_files
 
-    atoms = [("embed", 0, 1, 9), ("fc1", 0, 1, 3), ("fc1", 1, 2, 3), ("fc1", 2, 3, 3), ("fc1", 3, 4, 3),
-             ("norm", 0, 1, 1), ("head", 0, 1, 20)]
-    assert pack_files(atoms, 7) == [[["embed", 0, 1]], [["fc1", 0, 2]], [["fc1", 2, 4], ["norm", 0, 1]],
-                                    [["head", 0, 1]]]
-    assert pack_files(atoms, 100) == [[["embed", 0, 1], ["fc1", 0, 4], ["norm", 0, 1], ["head", 0, 1]]]
+    items = [("embed", [9], False), ("fc1", [3, 3, 3, 3], True), ("norm", [1], False), ("head", [20], False)]
+    assert pack_files(items, 7) == [([["embed", 0, 1]], 9), ([["fc1", 0, 2]], 6),
+                                    ([["fc1", 2, 4], ["norm", 0, 1]], 7), ([["head", 0, 1]], 20)]
+    assert pack_files(items, 100) == [([["embed", 0, 1], ["fc1", 0, 4], ["norm", 0, 1], ["head", 0, 1]], 42)]
+    # parts of an item that may not split stay together, whatever the size
+    assert pack_files([("qkv", [3, 3, 3], False), ("o", [2], False)], 4) == [([["qkv", 0, 3]], 9), ([["o", 0, 1]], 2)]
     # the Ling-1T from-hf plan: files keep to the default 5 GB (no MoE layer is one 26 GB unit)
     from megatron_ling.convert.from_hf import FromHFJob
     from megatron_ling.convert.hf_io import nbytes
@@ -242,6 +243,7 @@ def test_pack_files_keeps_to_the_size_and_joins_runs_of_one_item():
     cfg = get_preset("ling-1t")
     size = {n: nbytes(s, torch.bfloat16) for u in M.units(cfg) for r in M.layer_roles(cfg, u) for n, s in M.hf_names(cfg, u, r)}
     files = FromHFJob._pack(cfg, True, 5 * 1024 ** 3, size)
-    per_file = [sum(size[n] for u, r, lo, hi in f for n, _ in M.hf_names(cfg, u, r)[lo:hi]) for f in files]
+    per_file = [sum(size[n] for u, r, lo, hi in f for n, _ in M.hf_names(cfg, u, r)[lo:hi]) for f, _ in files]
+    assert per_file == [b for _, b in files]  # the planned bytes are the pieces' bytes
     assert len(files) > 300 and max(per_file) <= 5 * 1024 ** 3  # no single Ling-1T tensor is larger
     assert sum(per_file) == sum(size.values())

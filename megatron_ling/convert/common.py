@@ -83,22 +83,26 @@ def copy_range(src_fd: int, offset: int, length: int, dst_fd: int) -> None:
                 raise
 
 
-def pack_files(atoms, file_size: int) -> list[list[list]]:
+def pack_files(items, file_size: int) -> list[tuple[list[list], int]]:
     """The one rule for planning output files up to a size: to-hf's safetensors shards
-    (``hf_io.ShardPlan``), from-hf's and ling-merge's ``.distcp`` files. ``atoms``: ``(item, lo,
-    hi, nbytes)`` in output order, where ``lo:hi`` is a run of an item's parts (experts) that may
-    be stored apart from the rest. Consecutive atoms fill a file up to ``file_size`` bytes; an
-    atom larger than that gets a file alone. Returns the files as lists of pieces ``[item, lo,
-    hi]``, adjacent atoms of one item joined into one piece."""
-    files, size = [[]], 0
-    for item, lo, hi, b in atoms:
-        if files[-1] and size + b > file_size:
-            files.append([])
-            size = 0
-        last = files[-1][-1] if files[-1] else None
-        if last is not None and last[0] == item and last[2] == lo:
-            last[2] = hi  # the run goes on
-        else:
-            files[-1].append([item, lo, hi])
-        size += b
+    (``hf_io.ShardPlan``), from-hf's and ling-merge's ``.distcp`` files. ``items``: ``(item,
+    part_bytes, split)`` in output order, ``part_bytes`` the sizes of the item's parts (an expert
+    stack's experts; one entry for an item that is only stored whole), ``split`` whether its parts
+    may be stored apart from each other. An item stored whole, or each part of one that may split,
+    is an atom; consecutive atoms fill a file up to ``file_size`` bytes, and an atom larger than
+    that gets a file alone. Returns per file ``(pieces, bytes)``, a piece ``[item, lo, hi]`` being
+    the item's parts ``lo:hi`` (adjacent atoms of one item join into one piece)."""
+    files: list[tuple[list[list], int]] = [([], 0)]
+    for item, parts, split in items:
+        atoms = [(k, k + 1, b) for k, b in enumerate(parts)] if split else [(0, len(parts), sum(parts))]
+        for lo, hi, b in atoms:
+            pieces, size = files[-1]
+            if pieces and size + b > file_size:
+                files.append(([], 0))
+                pieces, size = files[-1]
+            if pieces and pieces[-1][0] == item and pieces[-1][2] == lo:
+                pieces[-1][2] = hi  # the run goes on
+            else:
+                pieces.append([item, lo, hi])
+            files[-1] = (pieces, size + b)
     return files

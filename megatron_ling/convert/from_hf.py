@@ -142,24 +142,21 @@ class FromHFJob(Job):
                  hf_bytes: dict[str, int]):
         self.hf_dir, self.cfg, self.keep_mtp, self.want, self.file_size = hf_dir, cfg, keep_mtp, want, file_size
         self.inputs = (hf_dir,)
-        self.files = self._pack(cfg, keep_mtp, file_size, hf_bytes)
-        self.units = [Unit(f"__0_{k}.distcp", sum(hf_bytes[n] for unit, role, lo, hi in pieces
-                                                  for n, _ in M.hf_names(cfg, unit, role)[lo:hi]))
-                      for k, pieces in enumerate(self.files)]
+        planned = self._pack(cfg, keep_mtp, file_size, hf_bytes)
+        self.files = [pieces for pieces, _ in planned]
+        self.units = [Unit(f"__0_{k}.distcp", size) for k, (_, size) in enumerate(planned)]
         self._reader = None
 
     @staticmethod
-    def _pack(cfg: LingConfig, keep_mtp: bool, file_size: int, hf_bytes: dict[str, int]) -> list[list[tuple]]:
-        """Files as lists of pieces ``(unit, role, lo, hi)``: the role's ``hf_names[lo:hi]``."""
-        def atoms():
-            for unit in M.units(cfg, mtp=keep_mtp):
-                for role in M.layer_roles(cfg, unit):
-                    names = [n for n, _ in M.hf_names(cfg, unit, role)]
-                    # the role whole, or each HF tensor of an expert stack
-                    cuts = range(len(names) + 1) if M.one_chunk_per_hf_tensor(role) else (0, len(names))
-                    for lo, hi in zip(cuts, cuts[1:]):
-                        yield (unit, role), lo, hi, sum(hf_bytes[n] for n in names[lo:hi])
-        return [[(*item, lo, hi) for item, lo, hi in f] for f in pack_files(atoms(), file_size)]
+    def _pack(cfg: LingConfig, keep_mtp: bool, file_size: int,
+              hf_bytes: dict[str, int]) -> list[tuple[list[tuple], int]]:
+        """Per file (pieces ``(unit, role, lo, hi)``: the role's ``hf_names[lo:hi]``; HF bytes).
+        A role's parts are its HF tensors; an expert stack's may be stored apart."""
+        items = (((unit, role), [hf_bytes[n] for n, _ in M.hf_names(cfg, unit, role)],
+                  M.one_chunk_per_hf_tensor(role))
+                 for unit in M.units(cfg, mtp=keep_mtp) for role in M.layer_roles(cfg, unit))
+        return [([(*item, lo, hi) for item, lo, hi in pieces], size)
+                for pieces, size in pack_files(items, file_size)]
 
     def __getstate__(self):  # workers open their own reader
         return {**self.__dict__, "_reader": None}

@@ -75,10 +75,10 @@ class ShardPlan:
     Deterministic in the plan and the shard size, so any process (or node) writes any shard."""
 
     def __init__(self, plan: list[tuple[str, tuple, torch.dtype]], shard_size: int):
-        meta = {name: (tuple(shape), dtype) for name, shape, dtype in plan}
-        shards = [[(name, *meta[name]) for name, _, _ in f]  # a tensor is never split between shards
-                  for f in pack_files(((name, 0, 1, nbytes(meta[name][0], meta[name][1])) for name in meta),
-                                      shard_size)]
+        # a tensor is never split between shards
+        files = pack_files(((i, [nbytes(shape, dtype)], False) for i, (_, shape, dtype) in enumerate(plan)),
+                           shard_size)
+        shards = [[(plan[i][0], tuple(plan[i][1]), plan[i][2]) for i, _, _ in pieces] for pieces, _ in files]
         n = len(shards)
         self.files = ["model.safetensors"] if n == 1 else \
             [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]

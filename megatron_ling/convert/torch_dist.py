@@ -467,8 +467,9 @@ class TorchDistWriter:
 def write_metadata(path: str, records: list[dict], common: dict) -> None:
     """``common.pt``, ``metadata.json`` and the pickled ``Metadata`` of a torch_dist directory whose
     ``.distcp`` files were written by :class:`TorchDistWriter` (``records`` in file order). A
-    tensor's chunks may come from several files (a MoE layer's experts split between them); its
-    chunks, in file order, must then tile it exactly, each once."""
+    tensor's chunks may come from several files (a MoE layer's experts split between them): each
+    chunk must be stored once, and together they must hold as many elements as the tensor (a
+    guard against a piece planned twice or not at all; the writers' plans tile it)."""
     sd, storage, covered = {}, {}, {}
     for rec in records:
         for key, *tensor in rec["entries"]:

@@ -276,20 +276,14 @@ class MergeJob(Job):
         self.dtypes = {k: merged.dtype(k) for k in merged.keys}
         out_bytes = {k: torch.Size(s).numel() * self.dtypes[k].itemsize for k, s in merged.keys.items()}
         self.shapes = {k: tuple(s) for k, s in merged.keys.items()}
-        rows = {k: s[0] if s else 1 for k, s in self.shapes.items()}  # an expert stack's: its experts
-
-        def piece_bytes(k, lo, hi):
-            return out_bytes[k] * (hi - lo) // rows[k]
-
-        def atoms():  # a key whole, or each expert of an expert stack
-            for k in self.shapes:
-                cuts = range(rows[k] + 1) if N.classify(k).role in _EXPERT_ROLES else (0, rows[k])
-                for lo, hi in zip(cuts, cuts[1:]):
-                    yield k, lo, hi, piece_bytes(k, lo, hi)
-        self.groups = pack_files(atoms(), file_size)  # files as lists of pieces [key, lo, hi]
+        # a key's parts are the rows of its first axis; an expert stack's rows (experts) may be
+        # stored apart
+        rows = {k: s[0] if s else 1 for k, s in self.shapes.items()}
+        planned = pack_files(((k, [out_bytes[k] // rows[k]] * rows[k], N.classify(k).role in _EXPERT_ROLES)
+                              for k in self.shapes), file_size)
+        self.groups = [pieces for pieces, _ in planned]  # files as lists of pieces [key, lo, hi]
         self.reads = sum(c != 0.0 for c in self.plan.coefficients)  # checkpoints read per tensor
-        self.units = [Unit(f"__0_{i}.distcp", self.reads * sum(piece_bytes(*p) for p in g))
-                      for i, g in enumerate(self.groups)]
+        self.units = [Unit(f"__0_{i}.distcp", self.reads * size) for i, (_, size) in enumerate(planned)]
         self.objects = sorted(k for k in merged.readers[-1].objects
                               if not k.startswith(("optimizer.", "rng_state", "rerun_state_machine")))
         self._merged = merged
