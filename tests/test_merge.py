@@ -15,11 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 from tests.support.synthetic import save_megatron_checkpoint
+from tests.support.trees import assert_identical
 from megatron_ling.convert.torch_dist import TorchDistReader
 from megatron_ling.errors import LingConfigError
 from megatron_ling.merge.cli import main as merge_main
 from megatron_ling.merge.coefficients import SHAPES, merge_coefficients, update_weights
-from megatron_ling.merge.merge import plan_merge
+from megatron_ling.merge.merge import merge, plan_merge
 from megatron_ling.models.config import get_preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,16 +140,62 @@ def test_merge_workers_write_the_same_tensors_with_a_checksum_manifest(two_layou
     for d in (d1, d2):  # written by write_metadata before the rename, and it verifies
         assert sorted(manifest.read_manifest(d)) == manifest.checkpoint_files(d) and manifest.verify(d) is None
     capsys.readouterr()
-    # --hf streams the merge in this process: more workers are refused in one line, nothing written
-    hf = str(tmp_path / "hf")
-    assert merge_main([two_layouts, "--last", "2", "--hf", "--workers", "2", "--out", hf, "--no-progress"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: --workers:"), err
-    assert not os.path.exists(hf)
+    # --hf: the workers receive the merge as its plan and write the same shards
+    hf1, hf3 = str(tmp_path / "hf1"), str(tmp_path / "hf3")
+    hf_args = [two_layouts, "--last", "2", "--hf", "--no-progress", "--dtype", "fp32", "--file-size", "40KB"]
+    assert merge_main(hf_args + ["--out", hf1]) == 0
+    assert merge_main(hf_args + ["--out", hf3, "--workers", "3"]) == 0
+    assert len(glob.glob(os.path.join(hf3, "*.safetensors"))) >= 3
+    assert_identical(hf1, hf3)
     # an output that holds an input is refused even with --force
     assert merge_main([two_layouts, "--last", "1", "--out", two_layouts, "--force", "--no-progress"]) == 2
     assert "contains the input" in capsys.readouterr().err
     assert os.path.isdir(os.path.join(two_layouts, "iter_0000010"))
+
+
+def test_merge_ranks_split_the_files_and_a_rerun_redoes_only_missing_ones(two_layouts, tmp_path, monkeypatch):
+    """ling-merge on several "nodes" (--rank/--world-size, or RANK/WORLD_SIZE): the ranks share the
+    output files, the last to finish publishes the same bytes as one process; a rank killed
+    mid-file redoes only that file; a staging dir of another merge is refused; --hf likewise."""
+    from megatron_ling.convert import parallel_exec as P
+
+    args = [two_layouts, "--last", "2", "--shape", "linear", "--no-progress", "--file-size", "20KB"]
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
+    assert merge_main(args + ["--out", ref]) == 0
+    plan = plan_merge([two_layouts], last=2, shape="linear")
+    r0 = merge(plan, out, show_progress=False, file_size=20 * 1024, rank=0, world_size=3)
+    assert not r0.run.finalized and r0.run.missing > 0 and not os.path.exists(out)
+    staging = str(tmp_path / ".out.staging")
+    lost = r0.run.ran[-1]  # rank 0 was killed while writing this file: half written, no marker
+    marker = os.path.join(staging, P.UNITS, f"{lost:06d}.json")
+    with open(marker) as f:
+        written = json.load(f)["sizes"]
+    os.remove(marker)
+    for name in written:
+        path = os.path.join(staging, P.OUT, name)
+        os.truncate(path, os.path.getsize(path) // 2)
+    with pytest.raises(LingConfigError, match="belongs to a different conversion"):
+        merge(plan_merge([two_layouts], last=2, shape="weights", weights=[0.9, 0.1]), out, show_progress=False, file_size=20 * 1024,
+              rank=0, world_size=3)
+    again = merge(plan, out, show_progress=False, file_size=20 * 1024, rank=0, world_size=3)
+    assert again.run.ran == [lost] and sorted(again.run.skipped + [lost]) == r0.run.ran
+    assert merge_main(args + ["--out", out, "--rank", "2", "--world-size", "3", "--workers", "2"]) == 0
+    assert not os.path.exists(out)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    r1 = merge(plan, out, show_progress=False, file_size=20 * 1024)
+    assert r1.run.finalized and r1.run.missing == 0 and len(r1.run.records) >= 3
+    assert_identical(ref, out)
+    assert sorted(os.listdir(tmp_path)) == ["out", "ref"]  # staging dir gone
+    # --hf on two ranks, in reverse order, equals the one-process export
+    hf_ref, hf = str(tmp_path / "hf_ref"), str(tmp_path / "hf")
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert merge_main(args + ["--hf", "--out", hf_ref]) == 0
+    for rank in (1, 0):
+        r = merge(plan, hf, hf=True, show_progress=False, file_size=20 * 1024, rank=rank, world_size=2)
+        assert r.run.finalized == (rank == 0) and r.run.ran
+    assert_identical(hf_ref, hf)
 
 
 def test_expert_bias_last_and_merge_of_one_checkpoint_is_the_identity(two_layouts, tmp_path):

@@ -308,10 +308,10 @@ def test_kill_during_checkpoint_save_resumes_from_previous_complete(reference_ru
     assert_matches_reference(second, metrics(reference_run["run_dir"]), "run resumed after the kill")
 
 
-def _sbatch_convert(tmp_path, ckpt, out, *extra):
+def _sbatch_convert(tmp_path, ckpt, out, *extra, settings=None):
     # small shards: several units, so that the array tasks below really split the plan
-    env = dict(os.environ, SRC=ckpt, DST=str(out), PYTHON=sys.executable, WORKERS="1",
-               CONVERT_ARGS="--shard-size 200KB")
+    env = {**os.environ, "SRC": ckpt, "DST": str(out), "PYTHON": sys.executable, "WORKERS": "1",
+           "CONVERT_ARGS": "--shard-size 200KB", **(settings or {})}
     proc = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", "--mem=100", *extra,
                            str(REPO / "slurm" / "convert.sbatch")],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
@@ -363,6 +363,32 @@ def test_convert_template_exports_the_reference_checkpoint(reference_run, tmp_pa
     assert ran == len(shards)
     assert_identical(str(out2), str(out))
     assert sorted(p.name for p in arr.iterdir()) == sorted(["hf", *(f"ling-convert-{job}_{t}.out" for t in (0, 1))])
+
+
+@pytest.mark.slow
+def test_convert_template_merges_as_an_array(reference_run, tmp_path):
+    """DIRECTION=merge: ling-merge of the run's last two checkpoints as a 2-task Slurm array, each
+    task merging its share of the output files: the same bytes as the merge in one process."""
+    from megatron_ling.merge.cli import main as merge_main
+    from megatron_ling.training.recipe import load_recipe
+
+    ckpt = load_recipe(str(reference_run["run_dir"] / "job.recipe.yaml")).checkpoint_dir
+    window = ["--last", "2", "--file-size", "200KB"]
+    ref = tmp_path / "ref"
+    assert merge_main([ckpt, *window, "--out", str(ref), "--no-progress"]) == 0
+    arr = tmp_path / "arr"
+    arr.mkdir()
+    out = arr / "merged"
+    job = _sbatch_convert(arr, ckpt, out, "--array=0-1", "--output=%x-%A_%a.out",
+                          settings=dict(DIRECTION="merge", CONVERT_ARGS=" ".join(window)))
+    states = {t: wait_job(f"{job}_{t}", arr, timeout=240)["JobState"] for t in (0, 1)}
+    logs = {t: (arr / f"ling-convert-{job}_{t}.out").read_text(errors="replace") for t in (0, 1)}
+    for t in (0, 1):
+        assert states[t] == "COMPLETED", logs[t][-3000:]
+        m = re.search(r": (\d+) of (\d+) units converted here", logs[t])
+        assert m and 0 < int(m.group(1)) < int(m.group(2)), logs[t][-3000:]  # each task did a share
+    assert_identical(str(out), str(ref))
+    assert sorted(p.name for p in arr.iterdir()) == sorted(["merged", *(f"ling-convert-{job}_{t}.out" for t in (0, 1))])
 
 
 # ------------------------------------------------------------------ sbatch's own rejections

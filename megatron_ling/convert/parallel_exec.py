@@ -1,5 +1,5 @@
-"""Plan / partition / execute: the one mechanism that runs a conversion (``to-hf``, ``from-hf``, the
-coming ``ling-merge``) as independent *units* on worker processes and nodes.
+"""Plan / partition / execute: the one mechanism that runs a conversion (``to-hf``, ``from-hf``,
+``ling-merge``) as independent *units* on worker processes and nodes.
 
 A :class:`Job` is planned completely before anything runs: its ``units`` (each writes its own output
 files, e.g. one safetensors shard or one ``.distcp`` file) and their costs (bytes). Then:

@@ -108,8 +108,9 @@ class ToHFJob(Job):
     tensor being written.
 
     ``reader`` is the parent's ``TorchDistReader`` (workers open their own on its path; the parent
-    already checked the files against the manifest when ``verify_checksums``) or an in-process
-    object with its read interface (``ling-merge --hf``: run with one worker, never pickled)."""
+    already checked the files against the manifest when ``verify_checksums``) or another object
+    with its read interface, ``describe()`` and a pickled form that reopens its own inputs
+    (``ling-merge --hf``: a ``MergedCheckpoint``)."""
 
     def __init__(self, reader, cfg: LingConfig, keys: dict, plan: list, shard_size: int, dtype: str,
                  out_cfg: dict, hf_files: str | None):
@@ -123,13 +124,12 @@ class ToHFJob(Job):
         self.dtypes_of_weights = {n for unit, role in keys for n, _ in M.hf_names(cfg, unit, role)}
         self._reader = reader
 
-    def __getstate__(self):  # workers open their own reader
-        if self.ckpt is None:
-            raise TypeError("an in-process reader cannot be sent to a worker (to_hf refuses workers > 1)")
-        return {**self.__dict__, "_reader": None}
+    def __getstate__(self):  # workers open their own checkpoint reader (a merge pickles as its plan)
+        return {**self.__dict__, "_reader": None} if self.ckpt else self.__dict__
 
     def describe(self) -> dict:
-        return {"job": "to-hf", "ckpt": self.ckpt or str(self._reader.path), "plan": [(n, list(s), str(d)) for n, s, d in self.plan],
+        src = self.ckpt if self.ckpt else self._reader.describe()
+        return {"job": "to-hf", "ckpt": src, "plan": [(n, list(s), str(d)) for n, s, d in self.plan],
                 "shard_size": self.shard_size, "config": self.out_cfg, "hf_files": self.hf_files}
 
     def _slots(self, i: int):
@@ -241,30 +241,27 @@ def to_hf(ckpt_dir: str, out_dir: str, dtype: str = "bf16", mtp: str = "keep", s
     disjoint shards; ``rank``/``world_size`` (default: RANK/WORLD_SIZE or a Slurm array) split the
     shards between nodes sharing the output filesystem; the last one to finish writes the index.
     ``ckpt_dir`` may also be an object with TorchDistReader's read interface (``ling-merge --hf``
-    streams a merge through it), converted in this process only."""
+    streams a merge through it: see ``ToHFJob``)."""
     if dtype not in ("bf16", "fp32", "fp8"):
         raise LingConfigError(f"--dtype: must be bf16, fp32 or fp8, got {dtype!r}")
     if mtp not in ("keep", "drop"):
         raise LingConfigError(f"--mtp: must be keep or drop, got {mtp!r}")
     if shard_size <= 0:
         raise LingConfigError("--shard-size: must be positive")
-    in_process = not isinstance(ckpt_dir, str)
-    if in_process and (workers != 1 or world_size not in (None, 1)):
-        raise LingConfigError("--workers: a merge streamed to HF runs in one process; pass --workers 1, or merge "
-                              "to torch_dist and convert that with ling-convert to-hf --workers N")
-    rank, world_size = (0, 1) if in_process else resolve_rank(rank, world_size)
-    preflight(out_dir, force, tuple(getattr(ckpt_dir, "inputs", ())) if in_process else (ckpt_dir,), world_size)
+    streamed = not isinstance(ckpt_dir, str)
+    rank, world_size = resolve_rank(rank, world_size)
+    preflight(out_dir, force, tuple(getattr(ckpt_dir, "inputs", ())) if streamed else (ckpt_dir,), world_size)
     if hf_files is not None and not os.path.isdir(hf_files):
         raise LingConfigError(f"--hf-files: {hf_files} is not a directory")
     data_files = []  # checked against the manifest beside the conversion (ToHFJob.verify_inputs)
-    if not in_process and verify_checksums:
+    if not streamed and verify_checksums:
         from megatron_ling.checkpoint import manifest
         from megatron_ling.checkpoint.layout import resolve
 
         path = resolve(ckpt_dir)
         small, data_files = manifest.split(path)
         manifest.check(path, small)  # read while planning: checked first
-    reader = ckpt_dir if in_process else TorchDistReader(ckpt_dir, verify_checksums=False)
+    reader = ckpt_dir if streamed else TorchDistReader(ckpt_dir, verify_checksums=False)
     cfg = load_config(reader, config)
     keys = index_checkpoint(reader, cfg)
     keep_mtp = mtp == "keep" and cfg.num_nextn_predict_layers > 0

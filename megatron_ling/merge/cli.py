@@ -1,7 +1,7 @@
 """ling-merge: merge checkpoints of one run, θ̂ = Σ c_j θ_{n+j} (WSM, arXiv 2507.17634).
 
   ling-merge CKPT_DIR [CKPT_DIR|ITER_DIR ...] --last K --out OUT [--shape 1-sqrt] [--hf [--dtype bf16]]
-             [--workers N] [--file-size 5GB] [--no-verify-checksums]
+             [--workers N] [--rank R --world-size W] [--file-size 5GB] [--no-verify-checksums]
   ling-merge CKPT_DIR --iterations 400 500 600 --shape weights --weights 1 2 3 --out OUT
   ling-merge CKPT_DIR --last 8 --shape cosine --dry-run        # print checkpoints and coefficients
 
@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from megatron_ling.config_utils import cli_int
+from megatron_ling.convert.cli import add_parallel_args, parse_size
 from megatron_ling.errors import LingConfigError, cli_main
 from megatron_ling.merge.coefficients import SHAPES
 
@@ -37,9 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the checkpoints and coefficients, write nothing")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--workers", type=cli_int(1), default=1,
-                   help="worker processes, each writing whole output files (default 1; --hf: 1 only)")
-    p.add_argument("--file-size", default="5GB", help="max bytes per output .distcp file (default 5GB)")
+    add_parallel_args(p)  # --workers, --rank, --world-size: as ling-convert's
+    p.add_argument("--file-size", default="5GB", help="max bytes per output file: .distcp, or safetensors shard with --hf "
+                   "(default 5GB); files are the units --workers and ranks split")
     p.add_argument("--no-verify-checksums", action="store_true",
                    help="skip checking the checkpoints' files against their checksums.json (faster, unsafe)")
     return p
@@ -48,7 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_ling.convert.cli import parse_size
     from megatron_ling.merge.merge import MergedCheckpoint, merge, plan_merge
 
     if not args.dry_run and not args.out:
@@ -61,7 +61,8 @@ def main(argv=None) -> int:
         return 0
     r = merge(plan, args.out, expert_bias=args.expert_bias, hf=args.hf, hf_dtype=args.dtype, force=args.force,
               show_progress=not args.no_progress, workers=args.workers,
-              file_size=parse_size(args.file_size, "--file-size"), verify_checksums=not args.no_verify_checksums)
+              file_size=parse_size(args.file_size, "--file-size"), verify_checksums=not args.no_verify_checksums,
+              rank=args.rank, world_size=args.world_size)
     print(plan.table())
     print(r.summary)
     return 0

@@ -35,8 +35,9 @@ import torch
 
 from megatron_ling.checkpoint import layout
 from megatron_ling.convert import mapping as N
-from megatron_ling.convert.common import check_output, pack_files
-from megatron_ling.convert.parallel_exec import ExecResult, Job, Unit, execute, summary as _summary
+from megatron_ling.convert.common import pack_files
+from megatron_ling.convert.parallel_exec import (ExecResult, Job, Unit, execute, preflight, resolve_rank,
+                                                 summary as _summary)
 from megatron_ling.convert.torch_dist import TorchDistReader, TorchDistWriter, write_metadata
 from megatron_ling.errors import LingConfigError
 from megatron_ling.merge.coefficients import merge_coefficients, update_weights
@@ -179,6 +180,21 @@ class MergedCheckpoint:
         self.bytes_read = 0
         self._cached = (None, None)  # (key, merged tensor) of the last read_view
 
+    def __getstate__(self):
+        """Sent to a conversion worker (``ling-merge --hf --workers N``) as its plan only: the
+        worker reopens the checkpoints itself, without checking their checksums again (this
+        process checked them when it opened them)."""
+        return {"plan": self.plan, "expert_bias": self.expert_bias}
+
+    def __setstate__(self, state):
+        self.__init__(state["plan"], state["expert_bias"], verify_checksums=False)
+
+    def describe(self) -> dict:
+        """Everything the merged tensors depend on (JSON-able): part of a conversion plan's
+        fingerprint, so that a multi-rank staging dir of another merge is refused."""
+        return {"sources": [os.path.abspath(s.path) for s in self.plan.sources],
+                "coefficients": self.plan.coefficients, "expert_bias": self.expert_bias}
+
     def shape(self, key: str) -> tuple:
         return self.readers[-1].shape(key)
 
@@ -286,19 +302,12 @@ class MergeJob(Job):
         self.units = [Unit(f"__0_{i}.distcp", self.reads * size) for i, (_, size) in enumerate(planned)]
         self.objects = sorted(k for k in merged.readers[-1].objects
                               if not k.startswith(("optimizer.", "rng_state", "rerun_state_machine")))
-        self._merged = merged
-
-    def __getstate__(self):  # workers open their own sources
-        return {**self.__dict__, "_merged": None}
+        self._merged = merged  # pickled to a worker as its plan: the worker opens the sources itself
 
     def describe(self) -> dict:
-        return {"job": "merge", "sources": [os.path.abspath(s.path) for s in self.plan.sources],
-                "coefficients": self.plan.coefficients, "expert_bias": self.expert_bias,
-                "files": self.groups, "objects": self.objects}
+        return {"job": "merge", **self._merged.describe(), "files": self.groups, "objects": self.objects}
 
     def run_unit(self, i: int, out_dir: str, report) -> dict:
-        if self._merged is None:
-            self._merged = MergedCheckpoint(self.plan, self.expert_bias, verify_checksums=False)
         merged, read0 = self._merged, self._merged.bytes_read
         d = layout.iteration_dir(out_dir, self.iteration)
         writer = TorchDistWriter(d, self.units[i].name)
@@ -326,20 +335,25 @@ class MergeJob(Job):
 
 def merge(plan: MergePlan, out_dir: str, expert_bias: str = "merge", hf: bool = False, hf_dtype: str = "bf16",
           force: bool = False, show_progress: bool = True, workers: int = 1, file_size: int = 5 * 1024 ** 3,
-          verify_checksums: bool = True) -> MergeResult:
-    """Write the merge of ``plan`` to ``out_dir`` (torch_dist with ``workers`` processes, or HF with
-    ``hf``, in this process), atomically."""
-    check_output(out_dir, force, tuple(s.path for s in plan.sources))
+          verify_checksums: bool = True, rank: Optional[int] = None,
+          world_size: Optional[int] = None) -> MergeResult:
+    """Write the merge of ``plan`` to ``out_dir`` (torch_dist, or HF with ``hf``), atomically:
+    ``workers`` processes write disjoint files; ``rank``/``world_size`` (default: RANK/WORLD_SIZE
+    or a Slurm array) split the files between nodes sharing the output filesystem, the last one
+    to finish writing the metadata (``convert.parallel_exec``)."""
+    rank, world_size = resolve_rank(rank, world_size)
+    preflight(out_dir, force, tuple(s.path for s in plan.sources), world_size)
     if file_size <= 0:
         raise LingConfigError("--file-size: must be positive")
     merged = MergedCheckpoint(plan, expert_bias, verify_checksums)
     if hf:
         from megatron_ling.convert.to_hf import to_hf
 
-        r = to_hf(merged, out_dir, dtype=hf_dtype, force=force, show_progress=show_progress, workers=workers)
+        r = to_hf(merged, out_dir, dtype=hf_dtype, shard_size=file_size, force=force, show_progress=show_progress,
+                  workers=workers, rank=rank, world_size=world_size)
         return MergeResult(r.out_dir, plan, r.num_tensors, r.summary.replace("to-hf", "merge", 1), r.run)
     job = MergeJob(merged, file_size)
-    r = execute(job, out_dir, workers, 0, 1, force, show_progress, "merge")
+    r = execute(job, out_dir, workers, rank, world_size, force, show_progress, "merge")
     read = sum(rec["read"] for rec in r.records)
     written = sum(rec["bytes"] for rec in r.records)
     return MergeResult(os.path.abspath(out_dir), plan, len(merged.keys),
