@@ -81,6 +81,49 @@ def test_workers_give_byte_identical_output_both_directions(hf_dir, tmp_path):
     assert leftovers(str(tmp_path)) == []
 
 
+def test_output_files_are_handed_to_writeback_as_they_are_written(hf_dir, tmp_path, monkeypatch):
+    """Write-behind (common.WriteBehind): both directions hand every output file to the disk's
+    writeback in consecutive ranges while writing it (not only at the closing fsync), through the
+    in-kernel copies and the user-space writes alike; where the kernel refuses the hint, writing
+    goes on without it and the output is the same."""
+    from megatron_ling.convert import common
+
+    step = 32 * 1024
+    monkeypatch.setattr(common, "WRITE_BEHIND_BYTES", step)
+    real = common._sync_file_range()
+    assert real is not None  # Linux: libc has it
+    calls = []
+
+    def record(fd, start, n, flags):
+        calls.append((os.readlink(f"/proc/self/fd/{fd}"), start, n, flags))
+        return real(fd, start, n, flags)
+
+    monkeypatch.setattr(common, "_SYNC_FILE_RANGE", [record])
+    ck, hf = str(tmp_path / "ck"), str(tmp_path / "hf")
+    from_hf(hf_dir, ck, file_size=FILE, show_progress=False)  # bf16: in-kernel copies
+    to_hf(ck, hf, dtype="fp32", shard_size=SHARD, show_progress=False)  # fp32: user-space writes
+    by_file = {}
+    for path, start, n, flags in calls:
+        assert flags == 2 and n >= step  # SYNC_FILE_RANGE_WRITE, a step or more at a time
+        by_file.setdefault(os.path.basename(path), []).append((start, n))
+    for final in (ck, hf):
+        data = [f for f in files(final) if f.endswith((".distcp", ".safetensors"))]
+        assert len(data) >= 2
+        for f in data:
+            ranges = by_file.get(os.path.basename(f), [(0, 0)])  # none for a file under one step
+            assert ranges[0][0] == 0 and all(a + n == b for (a, n), (b, _) in zip(ranges, ranges[1:]))
+            end = ranges[-1][0] + ranges[-1][1]
+            assert os.path.getsize(os.path.join(final, f)) - end < step + 64 * 1024, f  # the tail: fsync's
+        assert max(len(by_file.get(os.path.basename(f), [])) for f in data) >= 3
+    # refused (returns -1): asked once, then never again; the output is the same
+    refused = []
+    monkeypatch.setattr(common, "_SYNC_FILE_RANGE", [lambda *a: refused.append(a) or -1])
+    ck2 = str(tmp_path / "ck2")
+    from_hf(hf_dir, ck2, file_size=FILE, show_progress=False)
+    assert len(refused) == 1
+    assert_identical(ck, ck2)
+
+
 def test_failed_worker_fails_the_command_and_leaves_nothing(hf_dir, tmp_path, capsys):
     ck = str(tmp_path / "ck")
     from_hf(hf_dir, ck, file_size=FILE, show_progress=False)

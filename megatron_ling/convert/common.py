@@ -1,5 +1,6 @@
 """Shared pieces of the converters: output checks, progress (the atomic output directory is
-``parallel_exec``'s staging), and file-to-file copies of stored tensor bytes in the kernel."""
+``parallel_exec``'s staging), file-to-file copies of stored tensor bytes in the kernel, the
+write-behind of output files, and the packing of planned output files."""
 from __future__ import annotations
 
 import errno
@@ -81,6 +82,55 @@ def copy_range(src_fd: int, offset: int, length: int, dst_fd: int) -> None:
         except OSError as e:  # refused before any byte moved: the next way
             if e.errno not in _NO_COPY_RANGE or done or k == len(ways) - 1:
                 raise
+
+
+WRITE_BEHIND_BYTES = 64 << 20
+
+
+class WriteBehind:
+    """Starts the disk writing an output file while it is still being written: every
+    ``WRITE_BEHIND_BYTES`` that reached the kernel are handed to writeback at once
+    (sync_file_range(2), SYNC_FILE_RANGE_WRITE), instead of waiting in the page cache until the
+    closing fsync writes the whole file while the converter waits. The copy into the page cache
+    and the disk's writing then overlap (from-hf of 3 GB on one worker: fsync 5.3 -> 2.5 s,
+    10.0 s instead of 11.1 s; docs/convert.md), and a node's dirty memory stays a few write-behind
+    steps per file, however large the conversion. A hint only: where the call is missing (not
+    Linux) or refused, writing goes on and the fsync does all of it, as before."""
+
+    def __init__(self, fd: int):
+        self.fd, self.started = fd, 0  # bytes [0, started) have been handed to writeback
+
+    def wrote(self, end: int, flush=None) -> None:
+        """The file now holds ``end`` bytes (``flush``: pushes a user-space buffer to the kernel
+        first)."""
+        if end - self.started < WRITE_BEHIND_BYTES:
+            return
+        if flush is not None:
+            flush()
+        sync = _sync_file_range()
+        if sync is not None and sync(self.fd, self.started, end - self.started, _SYNC_FILE_RANGE_WRITE) != 0:
+            _SYNC_FILE_RANGE[0] = None  # refused (e.g. ENOSYS, EINVAL on this filesystem): a hint only
+        self.started = end
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
+_SYNC_FILE_RANGE: list = []  # [libc's sync_file_range or None], looked up once
+
+
+def _sync_file_range():
+    if not _SYNC_FILE_RANGE:
+        fn = None
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            try:
+                fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+                fn.restype = ctypes.c_int
+            except (OSError, AttributeError):
+                fn = None
+        _SYNC_FILE_RANGE.append(fn)
+    return _SYNC_FILE_RANGE[0]
 
 
 def pack_files(items, file_size: int) -> list[tuple[list[list], int]]:

@@ -18,7 +18,7 @@ import struct
 
 import torch
 
-from megatron_ling.convert.common import Span, copy_range, pack_files, write_all
+from megatron_ling.convert.common import Span, WriteBehind, copy_range, pack_files, write_all
 from megatron_ling.errors import LingConfigError
 
 _ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
@@ -119,11 +119,13 @@ class ShardFile:
         self._f = open(path, "wb", buffering=0)  # unbuffered: ``copy`` moves the file offset itself
         write_all(self._f.write, struct.pack("<Q", len(h)) + h)
         self._pos = 0
+        self._behind = WriteBehind(self._f.fileno())
 
     def write(self, name: str, t: torch.Tensor) -> None:
         self._check(name, tuple(t.shape), t.dtype, t.numel() * t.element_size())
         write_all(self._f.write, t.contiguous().view(-1).view(torch.uint8).numpy().data)
         self._pos += 1
+        self._behind.wrote(self._f.tell())
 
     def copy(self, name: str, span) -> None:
         """The next planned tensor's bytes straight from ``span`` (a ``common.Span``: the
@@ -134,6 +136,7 @@ class ShardFile:
         self._check(name, shape, dtype, span.length)
         copy_range(span.fd, span.offset, span.length, self._f.fileno())
         self._pos += 1
+        self._behind.wrote(self._f.tell())
 
     def _check(self, name: str, shape: tuple, dtype: torch.dtype, length: int) -> None:
         exp_name, exp_shape, exp_dtype = self.entries[self._pos]

@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.planner import LoadPlan
 
 from megatron_ling.checkpoint import layout, manifest
 from megatron_ling.checkpoint.metadata import read_metadata
-from megatron_ling.convert.common import Span, copy_range, write_all
+from megatron_ling.convert.common import Span, WriteBehind, copy_range, write_all
 from megatron_ling.errors import LingConfigError
 
 MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
@@ -298,11 +298,13 @@ class _CrcFile:
         self.crc = 0
         self.pos = 0
         self._hole = None  # (Span, its bytes as a buffer) to fill where torch.save skips the storage
+        self._behind = WriteBehind(f.fileno())
 
     def write(self, b) -> int:
         self.crc = zlib.crc32(b, self.crc)
         n = self._f.write(b)
         self.pos += n
+        self._behind.wrote(self.pos, self._f.flush)
         return n
 
     def tell(self) -> int:
@@ -322,6 +324,7 @@ class _CrcFile:
         copy_range(span.fd, span.offset, span.length, self._f.fileno())
         self.crc = zlib.crc32(data, self.crc)
         self.pos += span.length
+        self._behind.wrote(self.pos)  # flushed above
         return self.pos
 
     def flush(self) -> None:
