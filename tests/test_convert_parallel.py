@@ -124,6 +124,24 @@ def test_output_files_are_handed_to_writeback_as_they_are_written(hf_dir, tmp_pa
     assert_identical(ck, ck2)
 
 
+@pytest.mark.parametrize("module,absent", [
+    ("megatron_ling.convert.from_hf", ("megatron", "torch.distributed.checkpoint")),
+    ("megatron_ling.convert.to_hf", ("megatron",)),
+    ("megatron_ling.merge.merge", ("megatron",)),  # package names: megatron, not megatron_ling
+])
+def test_a_worker_imports_only_what_its_job_needs(module, absent):
+    """A worker's start-up is an interpreter importing the job's module (parallel_exec): never
+    megatron; and a from-hf worker, which only writes .distcp files, not torch.distributed.checkpoint
+    (~1.2 s of import, imported by torch_dist only where the reader and write_metadata use it)."""
+    import subprocess
+    import sys
+
+    code = (f"import sys, megatron_ling.convert.parallel_exec, {module}; "
+            f"print(sorted(m for m in sys.modules if any(m == a or m.startswith(a + '.') for a in {absent!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
 def test_failed_worker_fails_the_command_and_leaves_nothing(hf_dir, tmp_path, capsys):
     ck = str(tmp_path / "ck")
     from_hf(hf_dir, ck, file_size=FILE, show_progress=False)

@@ -28,23 +28,12 @@ import zlib
 from typing import Optional
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
-    ChunkStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    StorageMeta,
-    TensorProperties,
-    TensorStorageMetadata,
-)
-from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.planner import LoadPlan
+# torch.distributed.checkpoint (DCP) is imported where it is used, not here: it takes ~1.2 s to
+# import, which every from-hf worker (it only writes .distcp files) would pay at start-up.
 
 from megatron_ling.checkpoint import layout, manifest
 from megatron_ling.checkpoint.metadata import read_metadata
-from megatron_ling.convert.common import Span, WriteBehind, copy_range, write_all
+from megatron_ling.convert.common import Span, WriteBehind, copy_range
 from megatron_ling.errors import LingConfigError
 
 MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
@@ -81,8 +70,11 @@ class TorchDistReader:
         self.path = layout.resolve(path)
         if verify_checksums:
             manifest.check(self.path)  # every file against checksums.json (threads), before any is used
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
         self._reader = FileSystemReader(self.path)
-        self.metadata: Metadata = read_metadata(self.path)  # allow-list unpickler, never pickle.load
+        self.metadata = read_metadata(self.path)  # allow-list unpickler, never pickle.load
         self._reader.set_up_storage_reader(self.metadata, is_coordinator=True)
         self._cached = (None, None)  # (storage index, tensor) of the chunk read_view loaded last
         self._fds: dict[str, int] = {}  # .distcp file -> fd (pread; kept open for the reader's life)
@@ -124,6 +116,10 @@ class TorchDistReader:
         md = self.tensors[key]
         offsets = tuple(offsets) if offsets is not None else (0,) * len(md.size)
         sizes = tuple(sizes) if sizes is not None else tuple(md.size)
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner import LoadPlan
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
         dest = torch.empty(sizes, dtype=dtype or md.properties.dtype)
         want = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
         items = create_read_items_for_chunk_list(key, md, [want])
@@ -155,6 +151,8 @@ class TorchDistReader:
     def read_view(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
         """The box ``offsets``/``sizes`` of ``key``: a view into the one saved chunk that contains it
         (no assembly copy; the last chunk loaded is kept for the next box), else assembled by ``read``."""
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
         c = self._chunk_holding(key, offsets, sizes)
         index = MetadataIndex(key, c.offsets) if c is not None else None
         if index is None or self.metadata.storage_data[index].transform_descriptors:
@@ -179,6 +177,8 @@ class TorchDistReader:
         reading them into memory and writing them back. None otherwise (read with ``read_view``)."""
         if sys.byteorder != "little":  # the bytes are copied as stored; safetensors is little-endian
             return None
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
         c = self._chunk_holding(key, offsets, sizes)
         if c is None:
             return None
@@ -473,6 +473,11 @@ def write_metadata(path: str, records: list[dict], common: dict) -> None:
     tensor's chunks may come from several files (a MoE layer's experts split between them): each
     chunk must be stored once, and together they must hold as many elements as the tensor (a
     guard against a piece planned twice or not at all; the writers' plans tile it)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
+                                                       MetadataIndex, StorageMeta, TensorProperties,
+                                                       TensorStorageMetadata)
+
     sd, storage, covered = {}, {}, {}
     for rec in records:
         for key, *tensor in rec["entries"]:
