@@ -21,7 +21,9 @@ from megatron_ling.pipeline.costmodel import Calibration, CostModel, CostOptions
 from megatron_ling.pipeline.planner import all_layouts, counts_to_layout, even_counts, plan
 from megatron_ling.pipeline.simulator import rank_program
 
-pytestmark = pytest.mark.slow  # hard timeouts: run_local(timeout_s=...) and subprocess(timeout=...)
+# slow: hard timeouts (run_local(timeout_s=...), subprocess(timeout=...)); quiet: measured bubbles are compared
+# with the simulator, so nothing else may load the machine (tools/test_all.sh runs these alone)
+pytestmark = [pytest.mark.slow, pytest.mark.quiet]
 
 SEQ, MBS = 64, 2
 CFG = get_preset("ling-tiny", vocab_size=8192, hidden_size=128, intermediate_size=512, moe_intermediate_size=128,

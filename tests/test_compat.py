@@ -5,6 +5,7 @@ Patches are process-global, so every scenario runs in ranks forked by tests.supp
 unpatched zygote; ``compat_exclude`` leaves the patch out in those ranks only.
 """
 import re
+import time
 
 import pytest
 
@@ -105,20 +106,27 @@ def test_gloo_batched_p2p_prevents_silently_wrong_interleaved_pipeline():
 
 
 @pytest.mark.slow
+@pytest.mark.quiet
 def test_gloo_shape_exchange_prevents_the_mtp_standalone_vpp_deadlock():
     """MTP on its own virtual stage (pp=4, vpp=2): without the patch the interleaved schedule
     deadlocks in the shape exchange (ranks wait in _communicate_shapes for peers that are in another
     p2p call; gloo p2p waits have no timeout: the case timeout kills them and the harness reports every
-    rank's stack); with it the layout trains like the single process (the fidelity case checks more)."""
+    rank's stack); with it the layout trains like the single process (the fidelity case checks more).
+    The patched run goes first and sets the deadlock's timeout: the same one-step run without the
+    patch gets 3x its wall time (+15 s), long enough to have finished had it not deadlocked."""
     par = dict(pp=4, vpp=2, pipeline_layout="Et|t|t||t||m|L")
     ref = F.reference(SC)
+    t = time.monotonic()
+    _assert_matches(_train(4, par))
+    patched_s = time.monotonic() - t
     with pytest.raises(RankFailure) as e:
-        run_ranks(F.layout_run, 4, dict(recipe=SC, parallel=par, full0=ref["full0"]),
-                  compat_exclude={"gloo_shape_exchange"}, pg_timeout_s=10, timeout_s=120, grace_s=5)
+        run_ranks(F.layout_run, 4, dict(recipe=F.case(steps=1), parallel=par, full0=ref["full0"]),
+                  compat_exclude={"gloo_shape_exchange"}, pg_timeout_s=10, timeout_s=max(30, 3 * patched_s + 15),
+                  grace_s=5)
     stacks = str(e.value)
     assert "still running" in stacks and "_communicate_shapes" in stacks, stacks[-3000:]
-    print("COMPAT gloo_shape_exchange: without it -> deadlock in p2p_communication.py _communicate_shapes")
-    _assert_matches(_train(4, par))
+    print(f"COMPAT gloo_shape_exchange: without it -> deadlock in p2p_communication.py _communicate_shapes "
+          f"(patched run {patched_s:.1f} s)")
 
 
 def test_dist_opt_step_state_needed_to_resume_distributed_optimizer(tmp_path):

@@ -89,6 +89,7 @@ def test_builtin_corpus_is_deterministic_real_text(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ tokenizer
+@pytest.mark.quiet
 def test_builtin_tokenizer_roundtrip_eod_is_pad(tok, cache, tmp_path):
     assert tok.vocab_size == BUILTIN_VOCAB_SIZE == 2048
     assert tok.eod == tok.pad == tok._backend.token_to_id(EOT)
@@ -339,6 +340,7 @@ _WORKER = textwrap.dedent("""
 
 
 @pytest.mark.slow
+@pytest.mark.quiet
 def test_two_rank_build_with_quickstart(tmp_path, cache):
     module_cache = cache
     from megatron_ling.data.datasets import resolve_data_config

@@ -128,6 +128,7 @@ def test_even_counts():
     assert counts_to_layout([2, 1, 0], 1, mtp_standalone=True) == "Ett|tm|L"
 
 
+@pytest.mark.quiet
 def test_ling1t_pp21_vpp2_plans_in_seconds():
     """The paper's setting (FACTS §4): 80 layers over 42 virtual stages. MTP with the loss: ~15%
     less simulated iteration time than the uniform split; with the MTP layer on its own virtual

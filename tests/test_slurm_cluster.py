@@ -39,6 +39,8 @@ JOB_TIMEOUT = 240  # seconds for one job, queueing included (2 shared cores)
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
             "BOOT_FAIL", "DEADLINE"}
 LOSS_RTOL = 1e-5  # same world size, same data order, gloo on CPU: resumed runs match to rounding
+# the cluster listens on fixed ports (slurm/local_cluster.sh): one suite at a time (tools/test_all.sh)
+pytestmark = pytest.mark.slurm
 
 
 
