@@ -3,17 +3,19 @@
 #   bash tools/bootstrap.sh                         # runtime, megatron-core 0.16.1 in .venv
 #   bash tools/bootstrap.sh --test                  # + test dependencies (pytest, the HF reference model)
 #   bash tools/bootstrap.sh --test --mcore 0.19.2   # megatron-core 0.19.2 in .venv-mcore0.19
+#   bash tools/bootstrap.sh --mcore 0.19.2 --print-venv   # only print that version's venv directory
 # Supported megatron-core: 0.16.1 (the floor) through 0.19.x. Idempotent: a second run only checks.
 # Works on a machine with only Python 3.10+ (0.19 declares >=3.12 but ships a cp311 wheel that runs on 3.11).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-want_test=0; MCORE=0.16.1
+want_test=0; MCORE=0.16.1; print_venv=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --test) want_test=1 ;;
     --mcore) MCORE=${2:?--mcore needs a version}; shift ;;
-    *) echo "error: unknown argument '$1' (use --test and/or --mcore 0.16.1|0.19.2)" >&2; exit 2 ;;
+    --print-venv) print_venv=1 ;;
+    *) echo "error: unknown argument '$1' (use --test, --mcore 0.16.1|0.19.2, --print-venv)" >&2; exit 2 ;;
   esac
   shift
 done
@@ -26,6 +28,7 @@ case "$MCORE" in
   *) echo "error: --mcore $MCORE is not a tested megatron-core (use 0.16.1 or 0.19.2)" >&2; exit 2 ;;
 esac
 VENV=${LING_VENV:-$default_venv}
+[ $print_venv = 1 ] && { echo "$VENV"; exit 0; }
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[bootstrap] creating $VENV"
   "$PY" -m venv "$VENV"

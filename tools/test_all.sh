@@ -17,8 +17,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 VERSIONS=(0.16.1 0.19.2)
 SERIAL="slurm or quiet"
-venv_of() { case "$1" in 0.16.*) echo .venv ;; 0.19.*) echo .venv-mcore0.19 ;; esac; }
-work=${LING_TEST_WORK:-$PWD/.test-work}
+# each version needs its own venv, so a LING_VENV (one venv for a bootstrap) must not apply here
+unset LING_VENV
+venv_of() { bash tools/bootstrap.sh --mcore "$1" --print-venv; }  # bootstrap.sh owns version -> venv
+work=$PWD/.test-work
 rm -rf "$work" && mkdir -p "$work"
 
 # pytest_run VERSION LABEL ARGS...: one pytest, its status in $work/VERSION-LABEL.rc, its output prefixed
