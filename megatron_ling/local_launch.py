@@ -23,13 +23,13 @@ import sys
 import time
 from typing import Optional
 
-from megatron_ling.utils import free_port, signal_when_parent_dies
+from megatron_ling.utils import rendezvous_env, reserve_port, signal_when_parent_dies
 
 
-def _rank_main(rank: int, fn, world: int, port: int, args: tuple):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    return fn(rank, world, port, *args)
+def _rank_main(rank: int, fn, world: int, listener, args: tuple):
+    env = rendezvous_env(listener, rank)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), **env)
+    return fn(rank, world, int(env["MASTER_PORT"]), *args)
 
 
 def run_local(fn, world: int, args: tuple = (), timeout_s: float = 300.0) -> None:
@@ -37,8 +37,9 @@ def run_local(fn, world: int, args: tuple = (), timeout_s: float = 300.0) -> Non
     on timeout or on the first failure."""
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(_rank_main, args=(fn, world, free_port(), tuple(args)), nprocs=world,
-                             start_method="fork", join=False)
+    with reserve_port() as listener:  # the parent's copy closes once the ranks have theirs
+        ctx = mp.start_processes(_rank_main, args=(fn, world, listener, tuple(args)), nprocs=world,
+                                 start_method="fork", join=False)
     deadline = time.time() + timeout_s
     try:
         while not ctx.join(timeout=1.0):

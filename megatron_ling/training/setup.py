@@ -31,24 +31,46 @@ def prepare_process(cpu_threads: Optional[int] = None) -> None:
             torch.set_num_threads(cpu_threads)
 
 
-def _init_group(rank: int, world_size: int, local_rank: int, timeout_s: int, init_method: Optional[str] = None) -> None:
-    """The one place torch.distributed is initialised: NCCL on GPUs (this rank's device), gloo on the CPU."""
+def _init_group(rank: int, world_size: int, local_rank: int, timeout_s: int, store=None) -> None:
+    """The one place torch.distributed is initialised: NCCL on GPUs (this rank's device), gloo on the
+    CPU; ``store`` given, or torch's env:// rendezvous."""
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-    torch.distributed.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+    torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                          timeout=datetime.timedelta(seconds=timeout_s))
+
+
+# rank 0's store server of a local launch (utils.rendezvous_env), kept for the life of the group
+_rendezvous_server = None
 
 
 def init_distributed(timeout_s: int = 600) -> None:
     """torch.distributed from the launcher's env (RANK, WORLD_SIZE, MASTER_ADDR/PORT). A no-op when
-    already initialised."""
+    already initialised.
+
+    * No launcher (no WORLD_SIZE, or a world of 1 with no MASTER_PORT): a 1-rank group on an
+      in-process store. There is nobody to meet, so no port: a fixed default port would make two
+      such runs on one host (two users, two test suites) fail with EADDRINUSE.
+    * A local launch that reserved its port (``LING_RENDEZVOUS_FD``, utils.rendezvous_env): rank 0
+      first starts the store server on the reserved socket, then every rank joins by env://.
+    * Otherwise (torchrun, Slurm): env:// as the launcher set it up."""
+    global _rendezvous_server
     if torch.distributed.is_initialized():
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    _init_group(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-                int(os.environ.get("LOCAL_RANK", "0")), timeout_s)
+    from megatron_ling.utils import RENDEZVOUS_FD_ENV
+
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size == 1 and "MASTER_PORT" not in os.environ:
+        _init_group(0, 1, local_rank, timeout_s, store=torch.distributed.HashStore())
+        return
+    fd = os.environ.pop(RENDEZVOUS_FD_ENV, None)  # popped: not for this rank's own children
+    if fd is not None:
+        _rendezvous_server = torch.distributed.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=True,
+            timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False, master_listen_fd=int(fd))
+    _init_group(rank, world_size, local_rank, timeout_s)
 
 
 def shutdown_distributed() -> None:
@@ -57,25 +79,25 @@ def shutdown_distributed() -> None:
     included): without it gloo's worker threads can still hold work at interpreter finalisation and
     the process aborts ("terminate called without an active exception", SIGABRT) instead of exiting
     with its status (pytorch/pytorch#190489; seen as exit -6 after a one-line error in CI)."""
+    global _rendezvous_server
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    _rendezvous_server = None
 
 
 def init_single_process(cpu_threads: Optional[int] = 1) -> None:
     """A 1-rank world in this process for building Megatron modules outside a launcher (the
     converters' verification, the profiler's calibration): per-process settings, then a gloo/NCCL
-    group on a free local port unless one exists."""
-    from megatron_ling.utils import free_port
-
+    group on an in-process store unless one exists."""
     prepare_process(cpu_threads=cpu_threads)
     if not torch.distributed.is_initialized():
-        # an explicit tcp:// rendezvous, not RANK/WORLD_SIZE in os.environ: those would outlive the
-        # group and make this process (a test run, a notebook) look like rank 0 of a 1-process launch
-        _init_group(0, 1, 0, 120, init_method=f"tcp://127.0.0.1:{free_port()}")
+        # an explicit store, not RANK/WORLD_SIZE in os.environ: those would outlive the group and
+        # make this process (a test run, a notebook) look like rank 0 of a 1-process launch
+        _init_group(0, 1, 0, 120, store=torch.distributed.HashStore())
 
 
 def init_model_parallel(parallel: ParallelConfig, ling: LingConfig, seed: int = 1234) -> None:

@@ -7,7 +7,8 @@ and megatron-ling, never runs a computation, never installs the compat patches, 
 of each case. A 2-rank case then costs ~0.5 s of launching instead of ~20 s of torchrun.
 
 Each rank, in its own forked process:
-  * gets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT (a fresh free port),
+  * gets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT (a port reserved by the
+    harness until rank 0's store server takes it over: megatron_ling.utils.reserve_port),
   * installs the compat patches (``megatron_ling.training.setup.prepare_process``) except those in
     ``compat_exclude`` -- patches are process-global, which is why they never go into the caller,
   * joins a gloo process group with a 60 s timeout (``pg_timeout_s``),
@@ -45,7 +46,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
-from megatron_ling.utils import free_port  # noqa: F401  (re-exported)
+from megatron_ling.utils import rendezvous_env, reserve_port
 
 PG_TIMEOUT_S = 60
 DEFAULT_TIMEOUT_S = 180
@@ -124,7 +125,7 @@ def _tail(path: str, nbytes: int = 6000) -> str:
 
 
 # ------------------------------------------------------------------------------- the rank
-def _rank_main(rank: int, world: int, port: int, req: dict, log_path: str, wfd: int) -> None:
+def _rank_main(rank: int, world: int, listener, req: dict, log_path: str, wfd: int) -> None:
     """Body of one forked rank. Never returns: always os._exit."""
     code = 1
     try:
@@ -137,8 +138,9 @@ def _rank_main(rank: int, world: int, port: int, req: dict, log_path: str, wfd: 
         sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", buffering=0), write_through=True)
         faulthandler.enable(file=sys.stderr, all_threads=True)
         faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+        rendezvous = rendezvous_env(listener, rank)
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                          **rendezvous,
                           LING_COMPAT_EXCLUDE=",".join(sorted(req["compat_exclude"])))
         os.environ.update(req.get("env") or {})
         import torch
@@ -202,21 +204,22 @@ def _decode(buf: bytearray):
 def _run_case(req: dict) -> dict:
     """Fork ``req['world']`` ranks, collect their results; runs inside the zygote (or the caller)."""
     world = req["world"]
-    port = free_port()
+    listener = reserve_port()  # closed here once every rank has its copy
     logdir = req.get("log_dir") or tempfile.mkdtemp(prefix="ling_ranks_")
     os.makedirs(logdir, exist_ok=True)
     logs = {r: os.path.join(logdir, f"rank{r}.log") for r in range(world)}
     pids, rfds = {}, {}
-    for r in range(world):
-        rfd, wfd = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child
-            os.close(rfd)
-            for other in rfds.values():
-                os.close(other)
-            _rank_main(r, world, port, req, logs[r], wfd)
-        os.close(wfd)
-        pids[r], rfds[r] = pid, rfd
+    with listener:
+        for r in range(world):
+            rfd, wfd = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # child
+                os.close(rfd)
+                for other in rfds.values():
+                    os.close(other)
+                _rank_main(r, world, listener, req, logs[r], wfd)
+            os.close(wfd)
+            pids[r], rfds[r] = pid, rfd
     t0 = time.monotonic()
     deadline = t0 + req["timeout_s"]
     results, bufs, exit_codes = {}, {r: bytearray() for r in range(world)}, {}

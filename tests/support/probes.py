@@ -57,3 +57,29 @@ def weights_roundtrip(ctx, recipe, parallel: dict, full: dict) -> dict:
 def load_mismatched(ctx, recipe, parallel: dict, full: dict) -> None:
     """Load a full state dict of another model shape: must raise WeightMappingError."""
     F.start(ctx, recipe, parallel, full)
+
+
+def port_thief_then_rendezvous(ctx) -> dict:
+    """Before the process group exists, try to take the rendezvous port the launcher handed out (as
+    another process on the host could), then join the group and all-reduce (prepare=False case)."""
+    import errno
+    import socket
+
+    import torch
+
+    from megatron_ling.training.setup import init_distributed, shutdown_distributed
+
+    port = int(os.environ["MASTER_PORT"])
+    thief = socket.socket()
+    try:
+        thief.bind(("127.0.0.1", port))
+        stolen = True
+    except OSError as e:
+        stolen = e.errno != errno.EADDRINUSE
+    finally:
+        thief.close()
+    init_distributed(timeout_s=30)
+    t = torch.tensor([float(ctx.rank + 1)])
+    torch.distributed.all_reduce(t)
+    shutdown_distributed()
+    return dict(stolen=stolen, sum=float(t.item()))
