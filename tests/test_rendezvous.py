@@ -12,15 +12,23 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from megatron_ling.local_launch import run_local
 from tests.support import probes as P
-from tests.support.harness import run_ranks
+from tests.support.harness import RankFailure, run_ranks
 
 
 def test_harness_port_cannot_be_taken_before_the_ranks_meet():
     out = run_ranks(P.port_thief_then_rendezvous, 3, prepare=False, timeout_s=120)
     assert [o["sum"] for o in out] == [6.0] * 3
     assert not any(o["stolen"] for o in out), out  # bound by another socket: the old race
+
+
+def test_second_group_in_a_local_launch_is_refused_not_a_hang():
+    # rank 0's store server went with the first group: a second one would wait on a dead port
+    with pytest.raises(RankFailure, match="makes one process group; launch again"):
+        run_ranks(P.second_group, 2, timeout_s=120, grace_s=2)
 
 
 def _thief_rank(rank, world, port, out_dir):

@@ -43,6 +43,7 @@ def _init_group(rank: int, world_size: int, local_rank: int, timeout_s: int, sto
 
 # rank 0's store server of a local launch (utils.rendezvous_env), kept for the life of the group
 _rendezvous_server = None
+_rendezvous_used = False
 
 
 def init_distributed(timeout_s: int = 600) -> None:
@@ -55,7 +56,7 @@ def init_distributed(timeout_s: int = 600) -> None:
     * A local launch that reserved its port (``LING_RENDEZVOUS_FD``, utils.rendezvous_env): rank 0
       first starts the store server on the reserved socket, then every rank joins by env://.
     * Otherwise (torchrun, Slurm): env:// as the launcher set it up."""
-    global _rendezvous_server
+    global _rendezvous_server, _rendezvous_used
     if torch.distributed.is_initialized():
         return
     from megatron_ling.utils import RENDEZVOUS_FD_ENV
@@ -65,8 +66,14 @@ def init_distributed(timeout_s: int = 600) -> None:
     if world_size == 1 and "MASTER_PORT" not in os.environ:
         _init_group(0, 1, local_rank, timeout_s, store=torch.distributed.HashStore())
         return
+    if _rendezvous_used and "TORCHELASTIC_USE_AGENT_STORE" in os.environ:
+        # the store server of a local launch lived in rank 0's first group; a second group would
+        # wait on a port nobody listens on
+        raise RuntimeError("init_distributed: a rank of a local launch (run_local, the test harness) makes one "
+                           "process group; launch again for another")
     fd = os.environ.pop(RENDEZVOUS_FD_ENV, None)  # popped: not for this rank's own children
     if fd is not None:
+        _rendezvous_used = True
         _rendezvous_server = torch.distributed.TCPStore(
             os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=True,
             timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False, master_listen_fd=int(fd))

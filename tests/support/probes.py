@@ -83,3 +83,11 @@ def port_thief_then_rendezvous(ctx) -> dict:
     torch.distributed.all_reduce(t)
     shutdown_distributed()
     return dict(stolen=stolen, sum=float(t.item()))
+
+
+def second_group(ctx) -> None:
+    """A second process group after the first is shut down (a rank of a local launch cannot)."""
+    from megatron_ling.training.setup import init_distributed, shutdown_distributed
+
+    shutdown_distributed()
+    init_distributed(timeout_s=10)
