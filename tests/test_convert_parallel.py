@@ -81,6 +81,51 @@ def test_workers_give_byte_identical_output_both_directions(hf_dir, tmp_path):
     assert leftovers(str(tmp_path)) == []
 
 
+def test_serial_crc_is_the_crc_of_the_stream_with_stored_bytes_taken_beside_the_caller(monkeypatch):
+    """torch_dist._SerialCrc (the CRC of a .distcp file for checksums.json): gathered small writes,
+    deferred stored-tensor bytes and in-place large writes, in any mix, give zlib's CRC of the
+    whole stream; a deferred piece is taken on the helper thread (beside the kernel copy), an
+    in-place one before add_now returns (the caller may reuse the buffer), and an error on the
+    helper surfaces in the caller."""
+    import random
+    import threading
+    import zlib
+
+    from megatron_ling.convert import torch_dist
+
+    takers = []
+    real = zlib.crc32
+
+    def spy(buf, crc=0):
+        if memoryview(buf).nbytes >= 4096:
+            takers.append(threading.current_thread().name)
+        return real(buf, crc)
+
+    monkeypatch.setattr(torch_dist.zlib, "crc32", spy)
+    rng = random.Random(0)
+    c, stream = torch_dist._SerialCrc(), bytearray()
+    try:
+        for _ in range(200):
+            kind, data = rng.choice("sdn"), rng.randbytes(rng.choice((1, 7, 300, 5000, 70_000)))
+            stream += data
+            if kind == "s":
+                c.add_small(memoryview(data))
+            elif kind == "d":
+                c.add(data)
+            else:
+                buf = bytearray(data)
+                c.add_now(buf)
+                buf[:] = bytes(len(buf))  # reused at once: must not change the CRC
+        assert c.value() == real(bytes(stream))
+        assert any(t.startswith("ling-crc32") for t in takers)
+        assert threading.current_thread().name in takers
+        c.add(object())  # not a buffer: fails on the helper thread
+        with pytest.raises(TypeError):
+            c.value()
+    finally:
+        c.close()
+
+
 def test_output_files_are_handed_to_writeback_as_they_are_written(hf_dir, tmp_path, monkeypatch):
     """Write-behind (common.WriteBehind): both directions hand every output file to the disk's
     writeback in consecutive ranges while writing it (not only at the closing fsync), through the
