@@ -12,7 +12,8 @@ then times, each in a fresh subprocess, --reps times in alternation (median repo
   from-hf   HF dir -> torch_dist checkpoint, with each --workers count
   to-hf     that torch_dist checkpoint -> HF dir (bf16), with each --workers count
 
-and prints throughput, the ratio to the copy and to 1 worker (also without the workers' start-up),
+and prints throughput, the ratio to the copy and to 1 worker, when the started workers were ready
+(with N workers the CLI's own process is one of them and converts meanwhile),
 peak RSS per worker, and a projection of Ling-1T conversion time from the converters' own plan of
 Ling-1T and the measured 1-worker rate.
 
@@ -229,15 +230,12 @@ def main():
     shutil.rmtree(os.path.join(a.work, "out"), ignore_errors=True)
     med = {k: statistics.median(d for d, _, _, _ in v) for k, v in times.items()}
     busy = {k: statistics.median(c for _, _, _, c in v) for k, v in times.items()}
-    # the same without the workers' start-up (interpreter + torch import, paid once per run; one
-    # worker runs in the CLI's process and pays none): the rate the workers keep once running
-    steady = {k: statistics.median(d - u for d, _, u, _ in v) for k, v in times.items()}
     size = {"from-hf": dir_bytes(hf), "to-hf": dir_bytes(ck)}
     print(f"\n| step | workers | bytes in | convert s (median of {a.reps}) | MB/s | durable copy MB/s "
           f"(same run) | vs copy | user-space write MB/s (same run) | vs write | vs 1 worker | "
-          f"worker start-up s | vs 1 worker after start-up | copy by 2 processes vs 1 (same run) | "
+          f"started workers ready after s | copy by 2 processes vs 1 (same run) | "
           f"cores busy | peak RSS per worker | RSS / largest layer |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rates = {}
     for step in steps:
         copy_bps = size[step] / med[(step, "copy")]
@@ -250,7 +248,6 @@ def main():
             print(f"| {step} | {w} | {size[step] / 1e9:.2f} GB | {med[(step, w)]:.1f} | {bps / 1e6:.0f} | "
                   f"{copy_bps / 1e6:.0f} | {bps / copy_bps:.2f}x | {write_bps / 1e6:.0f} | {bps / write_bps:.2f}x | "
                   f"{bps / rates[(step, counts[0])]:.2f}x | {up:.1f} | "
-                  f"{steady[(step, counts[0])] / steady[(step, w)]:.2f}x | "
                   f"{med[(step, 'copy')] / med[(step, 'copy x2')]:.2f}x | {busy[(step, w)]:.2f} | "
                   f"{rss / 1e9:.2f} GB | {rss / largest:.2f}x |")
     print(f"(cores busy: CPU s / wall s of the whole command; with {os.cpu_count()} cores, N workers can be "

@@ -209,16 +209,19 @@ def test_failed_worker_fails_the_command_and_leaves_nothing(hf_dir, tmp_path, ca
 
 
 class _DyingJob(P.Job):
-    """A job whose unit 2 kills its worker process (as the OOM killer would)."""
+    """A job whose unit 2 kills the started worker process it runs in (as the OOM killer would).
+    Units go out longest first and this process's own worker takes the first: unit 2, the second
+    longest, is the started worker's first."""
 
     def __init__(self):
-        self.units = [P.Unit(f"u{i}", 1) for i in range(5)]
+        self.units = [P.Unit(f"u{i}", {0: 10, 2: 5}.get(i, 1)) for i in range(5)]
+        self.parent = os.getpid()
 
     def describe(self):
         return {"job": "dying"}
 
     def run_unit(self, i, out_dir, report):
-        if i == 2:
+        if i == 2 and os.getpid() != self.parent:
             os._exit(9)
         with open(os.path.join(out_dir, f"u{i}"), "w") as f:
             f.write(str(i))
@@ -232,6 +235,38 @@ def test_killed_worker_fails_the_command(tmp_path):
     with pytest.raises(RuntimeError, match="died with exit code 9"):
         P.execute(_DyingJob(), str(tmp_path / "out"), workers=2, show_progress=False)
     assert os.listdir(tmp_path) == []
+
+
+class _PidJob(P.Job):
+    """Each unit writes the pid of the worker that ran it."""
+
+    def __init__(self, n):
+        self.units = [P.Unit(f"u{i}", n - i) for i in range(n)]
+
+    def describe(self):
+        return {"job": "pids", "n": len(self.units)}
+
+    def run_unit(self, i, out_dir, report):
+        with open(os.path.join(out_dir, f"u{i}"), "w") as f:
+            f.write(str(os.getpid()))
+        report(1)
+        return {"files": [f"u{i}"]}
+
+    def finalize(self, out_dir, records):
+        assert [r["files"] for r in records] == [[f"u{i}"] for i in range(len(self.units))]
+
+
+def test_this_process_is_one_of_the_workers_and_every_worker_gets_units(tmp_path):
+    """--workers N: this process (which has its imports already) and N - 1 started interpreters;
+    each started worker gets a unit with the job, so all N work, and this process does not wait
+    through their start-up: it converts from the start."""
+    out = str(tmp_path / "out")
+    r = P.execute(_PidJob(12), out, workers=3, show_progress=False)
+    pids = [int(open(os.path.join(out, f"u{i}")).read()) for i in range(12)]
+    assert r.finalized and sorted(r.ran) == list(range(12))
+    assert len(set(pids)) == 3 and os.getpid() in pids and set(r.peak_rss) == set(pids)
+    assert pids[0] == os.getpid()  # the longest unit, at once
+    assert r.startup_s > 0 and leftovers(str(tmp_path)) == []
 
 
 def test_partition_is_disjoint_balanced_and_deterministic():

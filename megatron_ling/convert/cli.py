@@ -28,7 +28,8 @@ def parse_size(s: str, field: str = "--shard-size") -> int:
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1,
-                   help="worker processes on this node, each writing whole output files (default 1)")
+                   help="workers on this node: this process and N-1 started ones, each writing "
+                        "whole output files (default 1)")
     p.add_argument("--rank", type=int, default=None,
                    help="this node's share of the files (default: $RANK, or the Slurm array task)")
     p.add_argument("--world-size", type=int, default=None,

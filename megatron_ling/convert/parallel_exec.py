@@ -6,9 +6,10 @@ files, e.g. one safetensors shard or one ``.distcp`` file) and their costs (byte
 
 * ``partition`` splits the units between ranks (nodes / Slurm array tasks) deterministically, by
   cost (longest first onto the least loaded rank), so every rank computes the same split;
-* ``execute`` runs this rank's units on ``workers`` processes (fresh interpreters: a child imports
-  only the job's module - torch and the converter, never megatron), each a disjoint share of the
-  units (``partition`` again), writing its files into the staging directory; a unit is *done* when its completion
+* ``execute`` runs this rank's units on ``workers`` workers: this process and ``workers - 1``
+  started ones (fresh interpreters: a child imports only the job's module - torch and the
+  converter, never megatron), which take the units longest first as they become free, writing
+  their files into the staging directory; a unit is *done* when its completion
   marker (``units/<i>.json``: what ``finalize`` needs + the files' sizes) is written, atomically,
   after its files are fsynced;
 * when every unit of the plan has its marker (the rank that finishes last sees this), that rank
@@ -83,10 +84,10 @@ class ExecResult:
     skipped: list[int]  # units of this rank already done (a rerun)
     missing: int | None  # units of the plan without a marker (other ranks') when not finalized; None: rank had none
     seconds: float
-    peak_rss: dict[int, int] = field(default_factory=dict)  # worker pid -> peak RSS bytes
+    peak_rss: dict[int, int] = field(default_factory=dict)  # worker pid (this one's too) -> peak RSS bytes
     records: list[dict] = field(default_factory=list)
-    # --workers > 1: seconds until every worker had started (interpreter, torch, the job): a fixed
-    # cost per run, part of ``seconds``, which one worker (this process) does not pay
+    # --workers > 1: seconds until every started worker was ready (interpreter, torch, the job),
+    # part of ``seconds``; this process's own worker converts meanwhile
     startup_s: float = 0.0
 
 
@@ -195,24 +196,12 @@ def _open_staging(job: Job, out_dir: str, world_size: int) -> tuple[str, bool]:
 
 
 # ------------------------------------------------------------------------------ workers
-def _worker_main() -> int:
-    """A worker process (``python -m megatron_ling.convert.parallel_exec``): reads the parent's
-    sys.path (a JSON line) and the pickled (job, staging, units) from stdin, runs the units in order
-    and reports JSON lines on stdout. Started with subprocess, not multiprocessing: the caller's
-    ``__main__`` is never re-imported, and the child imports only the job's module."""
-    import pickle
-    import sys
-
-    sys.path[:] = json.loads(sys.stdin.buffer.readline())
-    job, staging, todo = pickle.load(sys.stdin.buffer)  # written by our parent process
-    out = sys.stdout
-
-    def send(*msg):
-        out.write(json.dumps(msg) + "\n")
-        out.flush()
-
-    send("ready")
-    for i in todo:
+def _run_units(job: Job, first: int, staging: str, take, send) -> int:
+    """The loop of every worker, a started interpreter's or this process's own: run ``first``, then
+    whatever ``take()`` hands out next (None: no more), reporting through ``send`` (progress, done
+    with the peak RSS, or the error). Returns the exit code."""
+    i = first
+    while i is not None:
         try:
             _run_and_mark(job, i, staging, lambda n: send("progress", n))
         except LingConfigError as e:
@@ -222,39 +211,110 @@ def _worker_main() -> int:
             send("error", i, False, traceback.format_exc())
             return 1
         send("done", i, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        i = take()
     return 0
+
+
+def _worker_main() -> int:
+    """A started worker (``python -m megatron_ling.convert.parallel_exec``): reads the parent's
+    sys.path (a JSON line) and the pickled (job, staging, first unit) from stdin, then a line with
+    the next unit's index after each ``done`` it reports (end of input: no more), and reports JSON
+    lines on stdout. Started with subprocess, not multiprocessing: the caller's ``__main__`` is
+    never re-imported, and the child imports only the job's module."""
+    import pickle
+    import sys
+
+    sys.path[:] = json.loads(sys.stdin.buffer.readline())
+    job, staging, first = pickle.load(sys.stdin.buffer)  # written by our parent process
+    out = sys.stdout
+
+    def send(*msg):
+        out.write(json.dumps(msg) + "\n")
+        out.flush()
+
+    def take():
+        line = sys.stdin.buffer.readline()
+        return int(line) if line.strip() else None
+
+    send("ready")
+    return _run_units(job, first, staging, take, send)
 
 
 def _run_pool(job: Job, todo: list[int], staging: str, workers: int, bar,
               poll=lambda: None) -> tuple[dict, float]:
-    """Run ``todo`` on ``workers`` processes, each a disjoint share (``partition`` by cost); the
-    first failure (or ``poll()`` raising, checked at least once a second) terminates the others
-    and is raised. Returns (pid -> peak RSS, seconds until every worker had started)."""
+    """Run ``todo`` on ``workers`` workers: this process (on a thread; it has its imports already)
+    and ``workers - 1`` started interpreters. Units go out longest first, each to the next worker
+    that is free: every started worker gets one with the job and the others follow as units
+    finish, so no worker waits through another's start-up (~1-2 s: Python and torch) or idles
+    behind a slow share. The first failure (or ``poll()`` raising, checked every 0.1 s) stops the
+    others (started workers are killed; this process's own finishes the unit it is in) and is
+    raised. Returns (pid -> peak RSS, seconds until every started worker was ready)."""
+    import collections
     import pickle
+    import queue
     import selectors
     import subprocess
     import sys
+    import threading
 
-    shares = [[todo[k] for k in part] for part in partition([job.units[i] for i in todo], workers) if part]
+    order = collections.deque(sorted(todo, key=lambda i: (-job.units[i].cost, i)))
+    lock, stop = threading.Lock(), threading.Event()
+
+    def take():
+        with lock:
+            return order.popleft() if order and not stop.is_set() else None
+
+    own_first = take()
     procs, t0, started, startup = [], time.perf_counter(), 0, 0.0
     sel = selectors.DefaultSelector()
-    for share in shares:
+    for _ in range(min(workers, len(todo)) - 1):
         p = subprocess.Popen([sys.executable, "-m", "megatron_ling.convert.parallel_exec"],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=False)
         p.stdin.write(json.dumps(sys.path).encode() + b"\n")
-        pickle.dump((job, staging, share), p.stdin)
-        p.stdin.close()
+        pickle.dump((job, staging, take()), p.stdin)
+        p.stdin.flush()
         procs.append(p)
         sel.register(p.stdout, selectors.EVENT_READ, p)
-    rss, error, open_pipes = {}, None, len(procs)
+    # this process's worker reports through a queue (read here, so the bar has one writer)
+    own_msgs: queue.Queue = queue.Queue()
+    own = threading.Thread(target=lambda: own_msgs.put(("exit", _run_units(
+        job, own_first, staging, take, lambda *m: own_msgs.put(m)))), name="convert-worker", daemon=True)
+    own.start()
+    rss, error, open_pipes, own_running, finished = {}, None, len(procs), True, False
+
+    def handle(msg, pid, p=None):
+        nonlocal started, startup, error
+        if msg[0] == "progress":
+            bar.update(msg[1])
+        elif msg[0] == "ready":
+            started += 1
+            if started == len(procs):
+                startup = time.perf_counter() - t0
+        elif msg[0] == "done":
+            rss[pid] = max(rss.get(pid, 0), msg[2])
+            if p is not None:  # the next unit, or end of input: no more
+                nxt = take()
+                try:
+                    if nxt is None:
+                        p.stdin.close()
+                    else:
+                        p.stdin.write(f"{nxt}\n".encode())
+                        p.stdin.flush()
+                except BrokenPipeError:
+                    pass  # it died: its exit code is seen when its stdout ends
+        elif msg[0] == "error":
+            _, i, user_error, text = msg
+            error = LingConfigError(text) if user_error else RuntimeError(
+                f"conversion worker {pid} failed on unit {i} ({job.units[i].name}):\n{text}")
+
     try:
-        while open_pipes and error is None:
+        while (open_pipes or own_running) and error is None:
             try:
                 poll()
             except Exception as e:  # noqa: BLE001 - raised below, after the workers are stopped
                 error = e
                 break
-            for key, _ in sel.select(timeout=1.0):
+            for key, _ in sel.select(timeout=0.1):
                 p = key.data
                 line = p.stdout.readline()
                 if not line:
@@ -264,26 +324,31 @@ def _run_pool(job: Job, todo: list[int], staging: str, workers: int, bar,
                         error = RuntimeError(f"a conversion worker (pid {p.pid}) died with exit code "
                                              f"{p.returncode} (killed? out of memory?)")
                     continue
-                msg = json.loads(line)
-                if msg[0] == "progress":
-                    bar.update(msg[1])
-                elif msg[0] == "ready":
-                    started += 1
-                    if started == len(procs):
-                        startup = time.perf_counter() - t0
-                elif msg[0] == "done":
-                    rss[p.pid] = max(rss.get(p.pid, 0), msg[2])
+                handle(json.loads(line), p.pid, p)
+            while error is None:
+                try:
+                    msg = own_msgs.get_nowait()
+                except queue.Empty:
+                    break
+                if msg[0] == "exit":
+                    own_running = False
                 else:
-                    _, i, user_error, text = msg
-                    error = LingConfigError(text) if user_error else RuntimeError(
-                        f"conversion worker {p.pid} failed on unit {i} ({job.units[i].name}):\n{text}")
+                    handle(msg, os.getpid())
+        finished = error is None
     finally:
+        stop.set()  # nothing more is handed out; this process's worker ends after its unit
         for p in procs:
-            if p.poll() is None and error is not None:
-                p.kill()  # a failed unit fails the command: stop the others now
+            if p.poll() is None and not finished:
+                p.kill()  # a failed unit (or Ctrl-C) fails the command: stop the others now
+            if not p.stdin.closed:
+                try:
+                    p.stdin.close()
+                except BrokenPipeError:
+                    pass
             p.wait()
             p.stdout.close()
         sel.close()
+        own.join()  # before the caller removes the staging dir it writes into
     if error is not None:
         raise error
     return rss, startup
