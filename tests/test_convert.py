@@ -307,6 +307,43 @@ def test_stored_spans_hold_exactly_the_tensor_bytes(ckpts, layout):
     assert spans > 20
 
 
+def test_chunk_lookup_finds_the_chunk_a_scan_finds():
+    """TorchDistReader._chunk_holding (a grid index over the saved chunks, not a scan per box)
+    returns what a scan over every chunk returns, for boxes inside one chunk and across chunks,
+    on a full grid (an expert stack: a chunk per expert and gate/up half, a TP split) and on a
+    tiling that is not a grid (each row block split at its own column)."""
+    import random
+
+    import torch
+    from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, TensorProperties,
+                                                       TensorStorageMetadata)
+
+    from megatron_ling.convert.torch_dist import TorchDistReader
+
+    def md(size, chunks):
+        return TensorStorageMetadata(TensorProperties(dtype=torch.bfloat16), torch.Size(size),
+                                     [ChunkStorageMetadata(torch.Size(o), torch.Size(z)) for o, z in chunks])
+
+    tensors = {
+        "experts": md((16, 8, 6), [((e, h, 0), (1, 4, 6)) for e in range(16) for h in (0, 4)]),
+        "tp": md((8, 6), [((r, c), (4, 3)) for r in (0, 4) for c in (0, 3)]),
+        "not_a_grid": md((8, 8), [((0, 0), (4, 3)), ((0, 3), (4, 5)), ((4, 0), (4, 5)), ((4, 5), (4, 3))]),
+    }
+    reader = TorchDistReader.__new__(TorchDistReader)  # the lookup needs only the metadata
+    reader.tensors, reader._grids = tensors, {}
+    rng, inside, across = random.Random(0), 0, 0
+    for key, m in tensors.items():
+        for _ in range(400):
+            off = tuple(rng.randrange(n) for n in m.size)
+            size = tuple(rng.randint(1, min(3, n - o)) for o, n in zip(off, m.size))
+            want = [c for c in m.chunks
+                    if all(co <= o and o + z <= co + cz for o, z, co, cz in zip(off, size, c.offsets, c.sizes))]
+            got = reader._chunk_holding(key, off, size)
+            assert got is (want[0] if want else None), (key, off, size)
+            inside, across = inside + bool(want), across + (not want)
+    assert inside > 300 and across > 300
+
+
 def test_a_record_filled_in_the_kernel_is_torch_saves_record(tmp_path):
     """from-hf writes a stored tensor's record around a hole the kernel fills from the HF shard:
     the file (and its CRC for checksums.json) is byte for byte what torch.save writes. The pinned
